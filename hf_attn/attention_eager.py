@@ -1,0 +1,140 @@
+"""Full softmax attention (modes ``eager`` and ``rope``).
+
+Paper: Vaswani et al., "Attention Is All You Need" (2017).
+Math: ``out = softmax(q k^T * scaling + mask) v``; every query sees every (allowed) key.
+Shapes: query (B, H, Lq, D); key, value (B, Hkv, Lk, D) with H % Hkv == 0 (grouped-query attention);
+output (B, Lq, H, D).
+Cost: O(Lq * Lk) time; the ``"eager"`` implementation also holds the (B, H, Lq, Lk) weights, the
+``"sdpa"`` implementation hands the work to ``torch.nn.functional.scaled_dot_product_attention``
+(flash / memory-efficient kernels where the device has them).
+Limits: quadratic in the sequence length; use ``local`` or ``lowrank`` for long inputs.
+
+The mask is boolean, ``True`` = may attend, shaped (B, 1, Lq, Lk), or ``None`` for "no padding"
+(then causality is handled by the kernel's ``is_causal`` flag).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def build_full_attention_mask(
+    key_padding_mask: torch.Tensor | None,
+    query_length: int,
+    key_length: int,
+    is_causal: bool,
+) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, Lq, Lk) mask for full attention, or ``None`` when the kernel's flags suffice.
+
+    Args:
+        key_padding_mask: (B, Lk) bool, ``True`` for real tokens, or ``None`` for no padding.
+        query_length: Lq; the queries are the last Lq of the Lk keys.
+        key_length: Lk.
+        is_causal: Whether query i may only see keys up to its own position.
+    """
+    past = key_length - query_length
+    needs_causal_mask = is_causal and query_length > 1 and past > 0
+    if key_padding_mask is None and not needs_causal_mask:
+        return None
+    device = key_padding_mask.device if key_padding_mask is not None else None
+    q_pos = torch.arange(past, key_length, device=device)[:, None]  # (Lq, 1)
+    k_pos = torch.arange(key_length, device=device)[None, :]  # (1, Lk)
+    allowed = (k_pos <= q_pos) if is_causal else torch.ones(query_length, key_length, dtype=torch.bool, device=device)
+    mask = allowed[None, None]  # (1, 1, Lq, Lk)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :].bool()
+    # A query always sees its own key, so rows of padding tokens are never empty: their outputs stay
+    # finite (softmax over nothing is NaN) and real tokens never look at them anyway.
+    return mask | (k_pos == q_pos)[None, None]
+
+
+def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, L, D) -> (B, Hkv * n_rep, L, D) for grouped-query attention."""
+    if n_rep == 1:
+        return hidden
+    b, h, length, d = hidden.shape
+    return hidden[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    *,
+    is_causal: bool = True,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference math: explicit scores, float32 softmax, returns the (B, H, Lq, Lk) weights."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Lq, Lk)
+    lq, lk = scores.shape[-2:]
+    if attention_mask is None and is_causal and lq > 1:
+        attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value)  # (B, H, Lq, D)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    *,
+    is_causal: bool = True,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """PyTorch's fused kernel; no weights are formed, so none are returned."""
+    lq, lk = query.shape[2], key.shape[2]
+    use_causal_flag = attention_mask is None and is_causal and lq > 1
+    if use_causal_flag and lq != lk:
+        raise ValueError(f"a causal call with {lk - lq} cached keys needs an explicit attention mask")
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout if module.training else 0.0,
+        is_causal=use_causal_flag,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )  # (B, H, Lq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class FullKVCacheLayer:
+    """Keeps every key and value: (B, Hkv, T, D) grows by the tokens of each call."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new (B, Hkv, L, D) keys/values; return all keys/values seen so far."""
+        if self.keys is None:
+            self.keys, self.values = key, value
+        else:
+            self.keys = torch.cat([self.keys, key], dim=2)
+            self.values = torch.cat([self.values, value], dim=2)
+        return self.keys, self.values
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values) if t is not None]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index.to(self.keys.device))
+            self.values = self.values.index_select(0, index.to(self.values.device))

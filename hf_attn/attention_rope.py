@@ -1,0 +1,83 @@
+"""Rotary position embeddings, mode ``rope`` (and ``position_embedding_type="rope"`` for local/lowrank).
+
+Paper: Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding" (2021).
+Math: rotate each pair of query/key channels (x1, x2) by angle ``p * theta^(-2i/D)``:
+``rot(x) = x * cos + rotate_half(x) * sin``; then ``rot(q_m) . rot(k_n)`` depends only on m - n, so
+full attention with rope is invariant to shifting all positions. The attention math itself is the
+full softmax kernel of ``attention_eager``; this file only supplies positions.
+Scaling for contexts longer than trained (``config.rope_scaling``):
+- ``linear`` (Chen et al., "Position Interpolation", 2023): positions divided by ``factor``;
+- ``dynamic`` (dynamic NTK, bloc97 / Code Llama style): when a forward sees positions beyond
+  ``max_position_embeddings`` the base grows to
+  ``theta * (factor * L / max_pos - (factor - 1)) ** (D / (D - 2))``; below that length it is plain rope.
+Shapes: cos/sin (B, L, D) broadcast over heads; q (B, H, L, D), k (B, Hkv, L, D).
+Cost: O(n * D). The cos/sin table is computed once per (device, length) and indexed by position id.
+Limits: dynamic NTK changes every position's angle once the length passes the trained length, so
+keys cached before that point were rotated with the old base (as in other dynamic-NTK implementations).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, H, L, D) and k (B, Hkv, L, D) with cos/sin (B, L, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, L, D)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class HfAttnRotary(nn.Module):
+    """Computes (cos, sin) for position ids; holds no weights and no state-dict buffers."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.dim = config.head_dim
+        params = config.rope_parameters
+        self.base = float(params["rope_theta"])
+        self.max_positions = config.max_position_embeddings
+        self.scaling_type = params["rope_type"]  # "default", "linear" or "dynamic"
+        self.factor = float(params.get("factor", 1.0))
+        # (device, length) -> (cos, sin) float32 tables (L, D); a plain dict, so it never enters the state dict
+        self._tables: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _inv_freq(self, base: float, device: torch.device) -> torch.Tensor:
+        return 1.0 / base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
+
+    def _angles(self, positions: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self._inv_freq(base, positions.device)  # (..., D/2)
+        if self.scaling_type == "linear":
+            freqs = freqs / self.factor
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Tables grow in powers of two from the trained length, so generation rebuilds them O(log n) times.
+        size = self.max_positions
+        while size < length:
+            size *= 2
+        key = (device, size)
+        if key not in self._tables:
+            self._tables.clear()
+            self._tables[key] = self._angles(torch.arange(size, device=device), self.base)
+        return self._tables[key]
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, L) -> cos, sin (B, L, D) in ``dtype``."""
+        needed = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        if self.scaling_type == "dynamic" and needed > self.max_positions:
+            ratio = self.factor * needed / self.max_positions - (self.factor - 1)
+            base = self.base * ratio ** (self.dim / (self.dim - 2))
+            cos, sin = self._angles(position_ids, base)
+        else:
+            cos_table, sin_table = self._table(needed, position_ids.device)
+            cos, sin = cos_table[position_ids], sin_table[position_ids]
+        return cos.to(dtype), sin.to(dtype)

@@ -1,0 +1,231 @@
+"""Configuration of the hf_attn transformer.
+
+One field, ``attention_mode``, switches the attention between the four implementations listed in
+``ATTENTION_MODES``. Every other field keeps its usual Hugging Face name so that tooling written for
+Llama-style configs (``num_key_value_heads``, ``rope_theta``, ``sliding_window`` ...) reads it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# The single source of truth for the modes; the registry test checks this equals the registry keys.
+ATTENTION_MODES = ("eager", "local", "lowrank", "rope")
+POSITION_EMBEDDING_TYPES = ("absolute", "rope")
+ROPE_TYPES = ("default", "linear", "dynamic")
+HIDDEN_ACTS = ("silu", "gelu", "gelu_new", "relu")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"HfAttnConfig.{field}={value!r} is invalid: {allowed}.")
+
+
+def _check_int(field: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(field, value, f"expected an integer >= {minimum}")
+
+
+def _check_prob(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        _fail(field, value, "expected a float in [0, 1]")
+
+
+class HfAttnConfig(PretrainedConfig):
+    r"""Configuration for [`HfAttnModel`] and its heads.
+
+    Args:
+        vocab_size: Number of token ids.
+        hidden_size: Width of the residual stream.
+        num_hidden_layers: Number of decoder blocks.
+        num_attention_heads: Query heads; must divide ``hidden_size``.
+        num_key_value_heads: Key/value heads for grouped-query attention; must divide
+            ``num_attention_heads``. ``None`` means multi-head attention (same as query heads).
+        intermediate_size: Width of the SwiGLU MLP. ``None`` means ``4 * hidden_size``.
+        hidden_act: Gate activation of the MLP, one of ``HIDDEN_ACTS``.
+        max_position_embeddings: Longest sequence the absolute position table (and the bidirectional
+            Linformer projection) covers; for rotary positions it is the trained context length that
+            rope scaling extends.
+        rms_norm_eps: Epsilon of the RMSNorm layers.
+        initializer_range: Std of the normal weight initialisation.
+        hidden_dropout: Dropout on the residual branches.
+        attention_dropout: Dropout on attention probabilities (modes that form them).
+        attention_mode: ``"eager"`` full softmax attention with learned absolute positions,
+            ``"local"`` sliding-window attention, ``"lowrank"`` low-rank attention, ``"rope"`` full
+            softmax attention with rotary positions.
+        sliding_window: ``local`` mode: a token sees itself and the previous ``sliding_window - 1``
+            tokens (both sides when bidirectional).
+        lowrank_dim: ``lowrank`` mode: the rank ``k`` (feature dimension / Linformer projection size).
+        lowrank_chunk_size: ``lowrank`` causal mode: chunk length of the blocked prefix-sum computation
+            (a speed knob; the result does not depend on it).
+        position_embedding_type: ``"absolute"`` (learned table) or ``"rope"``. ``None`` picks
+            ``"rope"`` for ``attention_mode="rope"`` and ``"absolute"`` otherwise; ``local`` and
+            ``lowrank`` accept either (Mistral-style local + rope).
+        rope_theta: Base of the rotary frequencies.
+        rope_scaling: ``None`` or ``{"type": "linear" | "dynamic", "factor": float >= 1}``; a shorthand
+            merged into ``rope_parameters``.
+        rope_parameters: transformers 5 spelling of the same facts, stored in config.json:
+            ``{"rope_type": "default" | "linear" | "dynamic", "rope_theta": float, "factor": float}``.
+        is_causal: ``True`` for a decoder (default); ``False`` makes attention bidirectional.
+        tie_word_embeddings: Share the input embedding with the LM head.
+        use_cache: Whether forward returns a cache by default.
+        pad_token_id, bos_token_id, eos_token_id: Special token ids (padding rows are pooled past by
+            the classifier when no attention mask is given).
+    """
+
+    model_type = "hf_attn"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        intermediate_size: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        attention_mode: str = "eager",
+        sliding_window: int = 256,
+        lowrank_dim: int = 64,
+        lowrank_chunk_size: int = 64,
+        position_embedding_type: str | None = None,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        rope_parameters: dict | None = None,
+        is_causal: bool = True,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+        self.attention_mode = attention_mode
+        self.sliding_window = sliding_window
+        self.lowrank_dim = lowrank_dim
+        self.lowrank_chunk_size = lowrank_chunk_size
+        if position_embedding_type is None:
+            position_embedding_type = "rope" if attention_mode == "rope" else "absolute"
+        self.position_embedding_type = position_embedding_type
+        # One dict holds every rotary fact (transformers 5 convention); "type" is the older key name.
+        params = dict(rope_parameters or {})
+        if rope_scaling is not None:
+            if not isinstance(rope_scaling, dict):
+                _fail("rope_scaling", rope_scaling, "expected None or a dict {'type': 'linear'|'dynamic', 'factor': float}")
+            params.update(rope_scaling)
+        if "type" in params:
+            params["rope_type"] = params.pop("type")
+        params.setdefault("rope_type", "default")
+        params.setdefault("rope_theta", rope_theta)
+        self.rope_parameters = params
+        self.is_causal = is_causal
+        self.use_cache = use_cache
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_hf_attn()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_theta(self) -> float:
+        """Base of the rotary frequencies (stored in ``rope_parameters``)."""
+        return self.rope_parameters["rope_theta"]
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        self.rope_parameters["rope_theta"] = value
+
+    def validate_hf_attn(self) -> None:
+        """Check every field; raise ``ValueError`` naming the field, the value and what is allowed."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings",
+                     "sliding_window", "lowrank_dim", "lowrank_chunk_size"):
+            _check_int(name, getattr(self, name))
+        if self.hidden_size % self.num_attention_heads:
+            _fail("num_attention_heads", self.num_attention_heads,
+                  f"must divide hidden_size={self.hidden_size}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            _fail("num_key_value_heads", self.num_key_value_heads,
+                  f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.attention_mode not in ATTENTION_MODES:
+            _fail("attention_mode", self.attention_mode, f"allowed values are {list(ATTENTION_MODES)}")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            _fail("position_embedding_type", self.position_embedding_type,
+                  f"allowed values are {list(POSITION_EMBEDDING_TYPES)} or None")
+        if self.attention_mode == "eager" and self.position_embedding_type == "rope":
+            _fail("position_embedding_type", "rope",
+                  "attention_mode='eager' uses absolute positions; full attention with rotary positions "
+                  "is attention_mode='rope'")
+        if self.attention_mode == "rope" and self.position_embedding_type != "rope":
+            _fail("position_embedding_type", self.position_embedding_type,
+                  "attention_mode='rope' requires 'rope' (or None)")
+        if self.hidden_act not in HIDDEN_ACTS:
+            _fail("hidden_act", self.hidden_act, f"allowed values are {list(HIDDEN_ACTS)}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _check_prob(name, getattr(self, name))
+        if not isinstance(self.rms_norm_eps, (int, float)) or not 0 < self.rms_norm_eps < 1:
+            _fail("rms_norm_eps", self.rms_norm_eps, "expected a float in (0, 1)")
+        if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
+            _fail("initializer_range", self.initializer_range, "expected a float > 0")
+        if self.position_embedding_type == "rope" and self.head_dim % 2:
+            _fail("num_attention_heads", self.num_attention_heads,
+                  f"rotary positions need an even head_dim, got hidden_size/heads={self.head_dim}")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size):
+                _fail(name, value, f"expected None or an id in [0, vocab_size={self.vocab_size})")
+        if not isinstance(self.is_causal, bool):
+            _fail("is_causal", self.is_causal, "expected True or False")
+        if self.attention_mode == "lowrank" and not self.is_causal and self.lowrank_dim > self.max_position_embeddings:
+            _fail("lowrank_dim", self.lowrank_dim,
+                  f"the bidirectional Linformer projection needs lowrank_dim <= max_position_embeddings="
+                  f"{self.max_position_embeddings}")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        params = self.rope_parameters
+        if not isinstance(params, dict):
+            _fail("rope_parameters", params, "expected a dict with rope_type, rope_theta and (for scaling) factor")
+        unknown = set(params) - {"rope_type", "rope_theta", "factor"}
+        if unknown:
+            _fail("rope_scaling", params, f"unknown keys {sorted(unknown)}; allowed keys are 'type' and 'factor'")
+        theta = params.get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
+            _fail("rope_theta", theta, "expected a finite float > 1")
+        kind = params.get("rope_type")
+        if kind not in ROPE_TYPES:
+            _fail("rope_scaling['type']", kind, f"allowed values are {list(ROPE_TYPES[1:])} (or None for no scaling)")
+        if kind == "default":
+            return
+        factor = params.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
+            _fail("rope_scaling['factor']", factor, "expected a finite float >= 1")
+        if self.position_embedding_type != "rope":
+            _fail("rope_scaling", params, "only applies with rotary positions (position_embedding_type='rope')")
+
+
+__all__ = ["HfAttnConfig", "ATTENTION_MODES"]

@@ -1,0 +1,53 @@
+"""Shared tiny configurations: every test model has a few thousand parameters and runs in milliseconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import hf_attn  # noqa: F401  (registers the Auto classes)
+from hf_attn import HfAttnConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# (attention_mode, position_embedding_type): the four modes plus rope combined with local and lowrank.
+MODE_VARIANTS = [
+    ("eager", "absolute"),
+    ("local", "absolute"),
+    ("lowrank", "absolute"),
+    ("rope", "rope"),
+    ("local", "rope"),
+    ("lowrank", "rope"),
+]
+MODE_IDS = [f"{m}-{p}" for m, p in MODE_VARIANTS]
+
+
+def tiny_config(attention_mode: str = "eager", position_embedding_type: str | None = None, **overrides) -> HfAttnConfig:
+    """A 2-layer, 32-wide config with grouped-query attention and small windows/ranks."""
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        sliding_window=4,
+        lowrank_dim=8,
+        lowrank_chunk_size=4,
+        attention_mode=attention_mode,
+        position_embedding_type=position_embedding_type,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return HfAttnConfig(**kwargs)
+
+
+@pytest.fixture(params=MODE_VARIANTS, ids=MODE_IDS)
+def mode_variant(request) -> tuple[str, str]:
+    return request.param
