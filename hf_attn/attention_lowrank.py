@@ -44,8 +44,9 @@ def init_lowrank_module(module: nn.Module, config) -> None:
     if config.is_causal:
         module.feature_map = nn.Linear(config.head_dim, config.lowrank_dim, bias=False)
     else:
-        module.linformer_e = nn.Parameter(torch.empty(config.lowrank_dim, config.max_position_embeddings))
-        module.linformer_f = nn.Parameter(torch.empty(config.lowrank_dim, config.max_position_embeddings))
+        shape, std = (config.lowrank_dim, config.max_position_embeddings), linformer_init_std(config)
+        module.linformer_e = nn.Parameter(torch.randn(shape) * std)
+        module.linformer_f = nn.Parameter(torch.randn(shape) * std)
 
 
 def linformer_init_std(config) -> float:

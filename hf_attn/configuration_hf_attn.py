@@ -20,17 +20,17 @@ HIDDEN_ACTS = ("silu", "gelu", "gelu_new", "relu")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"HfAttnConfig.{field}={value!r} is invalid: {allowed}.")
+    raise ValueError(f"HfAttnConfig.{field}={value!r} is invalid; allowed: {allowed}.")
 
 
 def _check_int(field: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(field, value, f"expected an integer >= {minimum}")
+        _fail(field, value, f"an integer >= {minimum}")
 
 
 def _check_prob(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        _fail(field, value, "expected a float in [0, 1]")
+        _fail(field, value, "a float in [0, 1]")
 
 
 class HfAttnConfig(PretrainedConfig):
@@ -131,7 +131,7 @@ class HfAttnConfig(PretrainedConfig):
         params = dict(rope_parameters or {})
         if rope_scaling is not None:
             if not isinstance(rope_scaling, dict):
-                _fail("rope_scaling", rope_scaling, "expected None or a dict {'type': 'linear'|'dynamic', 'factor': float}")
+                _fail("rope_scaling", rope_scaling, "None or a dict {'type': 'linear'|'dynamic', 'factor': float}")
             params.update(rope_scaling)
         if "type" in params:
             params["rope_type"] = params.pop("type")
@@ -143,8 +143,9 @@ class HfAttnConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # Validate before the base class runs its own (Llama-oriented) checks, so errors name our fields.
         self.validate_hf_attn()
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -167,65 +168,69 @@ class HfAttnConfig(PretrainedConfig):
             _check_int(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             _fail("num_attention_heads", self.num_attention_heads,
-                  f"must divide hidden_size={self.hidden_size}")
+                  f"a divisor of hidden_size={self.hidden_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             _fail("num_key_value_heads", self.num_key_value_heads,
-                  f"must divide num_attention_heads={self.num_attention_heads}")
+                  f"a divisor of num_attention_heads={self.num_attention_heads}")
         if self.attention_mode not in ATTENTION_MODES:
-            _fail("attention_mode", self.attention_mode, f"allowed values are {list(ATTENTION_MODES)}")
+            _fail("attention_mode", self.attention_mode, f"one of {list(ATTENTION_MODES)}")
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             _fail("position_embedding_type", self.position_embedding_type,
-                  f"allowed values are {list(POSITION_EMBEDDING_TYPES)} or None")
+                  f"one of {list(POSITION_EMBEDDING_TYPES)} or None")
         if self.attention_mode == "eager" and self.position_embedding_type == "rope":
             _fail("position_embedding_type", "rope",
-                  "attention_mode='eager' uses absolute positions; full attention with rotary positions "
-                  "is attention_mode='rope'")
+                  "'absolute' with attention_mode='eager' (full attention with rotary positions "
+                  "is attention_mode='rope')")
         if self.attention_mode == "rope" and self.position_embedding_type != "rope":
             _fail("position_embedding_type", self.position_embedding_type,
-                  "attention_mode='rope' requires 'rope' (or None)")
+                  "'rope' or None with attention_mode='rope'")
         if self.hidden_act not in HIDDEN_ACTS:
-            _fail("hidden_act", self.hidden_act, f"allowed values are {list(HIDDEN_ACTS)}")
+            _fail("hidden_act", self.hidden_act, f"one of {list(HIDDEN_ACTS)}")
         for name in ("hidden_dropout", "attention_dropout"):
             _check_prob(name, getattr(self, name))
         if not isinstance(self.rms_norm_eps, (int, float)) or not 0 < self.rms_norm_eps < 1:
-            _fail("rms_norm_eps", self.rms_norm_eps, "expected a float in (0, 1)")
+            _fail("rms_norm_eps", self.rms_norm_eps, "a float in (0, 1)")
         if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
-            _fail("initializer_range", self.initializer_range, "expected a float > 0")
+            _fail("initializer_range", self.initializer_range, "a float > 0")
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             _fail("num_attention_heads", self.num_attention_heads,
-                  f"rotary positions need an even head_dim, got hidden_size/heads={self.head_dim}")
+                  f"a head count giving an even head_dim for rotary positions (hidden_size/heads={self.head_dim})")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size):
-                _fail(name, value, f"expected None or an id in [0, vocab_size={self.vocab_size})")
+                _fail(name, value, f"None or an id in [0, vocab_size={self.vocab_size})")
         if not isinstance(self.is_causal, bool):
-            _fail("is_causal", self.is_causal, "expected True or False")
+            _fail("is_causal", self.is_causal, "True or False")
         if self.attention_mode == "lowrank" and not self.is_causal and self.lowrank_dim > self.max_position_embeddings:
             _fail("lowrank_dim", self.lowrank_dim,
-                  f"the bidirectional Linformer projection needs lowrank_dim <= max_position_embeddings="
-                  f"{self.max_position_embeddings}")
+                  f"lowrank_dim <= max_position_embeddings={self.max_position_embeddings} "
+                  "for the bidirectional Linformer projection")
+        self._validate_rope_scaling()
+
+    def validate_rope(self) -> None:
+        """Replaces transformers' generic rope check (which assumes every config uses rope)."""
         self._validate_rope_scaling()
 
     def _validate_rope_scaling(self) -> None:
         params = self.rope_parameters
         if not isinstance(params, dict):
-            _fail("rope_parameters", params, "expected a dict with rope_type, rope_theta and (for scaling) factor")
+            _fail("rope_parameters", params, "a dict with rope_type, rope_theta and (for scaling) factor")
         unknown = set(params) - {"rope_type", "rope_theta", "factor"}
         if unknown:
-            _fail("rope_scaling", params, f"unknown keys {sorted(unknown)}; allowed keys are 'type' and 'factor'")
+            _fail("rope_scaling", params, f"the keys 'type' and 'factor' (unknown: {sorted(unknown)})")
         theta = params.get("rope_theta")
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
-            _fail("rope_theta", theta, "expected a finite float > 1")
+            _fail("rope_theta", theta, "a finite float > 1")
         kind = params.get("rope_type")
         if kind not in ROPE_TYPES:
-            _fail("rope_scaling['type']", kind, f"allowed values are {list(ROPE_TYPES[1:])} (or None for no scaling)")
+            _fail("rope_scaling['type']", kind, f"one of {list(ROPE_TYPES[1:])} (or rope_scaling=None for no scaling)")
         if kind == "default":
             return
         factor = params.get("factor")
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 1:
-            _fail("rope_scaling['factor']", factor, "expected a finite float >= 1")
+            _fail("rope_scaling['factor']", factor, "a finite float >= 1")
         if self.position_embedding_type != "rope":
-            _fail("rope_scaling", params, "only applies with rotary positions (position_embedding_type='rope')")
+            _fail("rope_scaling", params, "None unless position_embedding_type='rope'")
 
 
 __all__ = ["HfAttnConfig", "ATTENTION_MODES"]

@@ -1,0 +1,55 @@
+"""Rotary embeddings: relative-position property, scaling rules, no state-dict entries."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_config
+
+from hf_attn import HfAttnForCausalLM
+from hf_attn.attention_rope import HfAttnRotary, apply_rotary
+
+
+def rotary(**kw) -> HfAttnRotary:
+    return HfAttnRotary(tiny_config("rope", **kw))
+
+
+def test_dot_products_depend_only_on_offset():
+    rot = rotary()
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    scores = []
+    for start in (0, 5, 93):
+        pos = torch.tensor([[start, start + 7]])
+        cos, sin = rot(pos, torch.float32)
+        rq, _ = apply_rotary(q, k, cos[:, :1], sin[:, :1])
+        _, rk = apply_rotary(q, k, cos[:, 1:], sin[:, 1:])
+        scores.append((rq * rk).sum())
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores[0], scores[2], rtol=1e-4, atol=1e-4)
+
+
+def test_linear_scaling_divides_positions():
+    plain, linear = rotary(), rotary(rope_scaling={"type": "linear", "factor": 4.0})
+    cos_lin, sin_lin = linear(torch.tensor([[8, 20]]), torch.float32)
+    cos_ref, sin_ref = plain(torch.tensor([[2, 5]]), torch.float32)
+    torch.testing.assert_close(cos_lin, cos_ref)
+    torch.testing.assert_close(sin_lin, sin_ref)
+
+
+def test_dynamic_ntk_is_plain_within_trained_length_and_stretches_beyond():
+    plain, dynamic = rotary(), rotary(rope_scaling={"type": "dynamic", "factor": 2.0})
+    short = torch.arange(100)[None]
+    torch.testing.assert_close(dynamic(short, torch.float32)[0], plain(short, torch.float32)[0])
+    long = torch.arange(400)[None]  # beyond max_position_embeddings=128: a larger base, slower rotation
+    cos_dyn, _ = dynamic(long, torch.float32)
+    cos_plain, _ = plain(long, torch.float32)
+    assert not torch.allclose(cos_dyn, cos_plain)
+    # the lowest frequency channel rotates slower with the stretched base
+    assert torch.acos(cos_dyn[0, 1, 3].clamp(-1, 1)) < torch.acos(cos_plain[0, 1, 3].clamp(-1, 1))
+
+
+def test_rope_model_has_no_position_weights_and_runs_past_trained_length():
+    model = HfAttnForCausalLM(tiny_config("rope", rope_scaling={"type": "dynamic", "factor": 2.0})).eval()
+    assert not any("position" in name or "rotary" in name for name in model.state_dict())
+    with torch.no_grad():
+        out = model(torch.randint(1, 97, (1, 300))).logits  # max_position_embeddings is 128
+    assert torch.isfinite(out).all()
