@@ -77,6 +77,9 @@ class HfAttnRotary(nn.Module):
             ratio = self.factor * needed / self.max_positions - (self.factor - 1)
             base = self.base * ratio ** (self.dim / (self.dim - 2))
             cos, sin = self._angles(position_ids, base)
+        elif needed > 8 * self.max_positions:
+            # far beyond the trained length (e.g. position 10**7): no giant table, angles for these ids only
+            cos, sin = self._angles(position_ids, self.base)
         else:
             cos_table, sin_table = self._table(needed, position_ids.device)
             cos, sin = cos_table[position_ids], sin_table[position_ids]

@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import GenerationConfig, PretrainedConfig
+
+# Version of the config format this code writes; a config written by a newer hf_attn may carry
+# fields this code does not know, and loading it raises instead of silently ignoring them.
+HF_ATTN_VERSION = "0.1.0"
 
 # The single source of truth for the modes; the registry test checks this equals the registry keys.
 ATTENTION_MODES = ("eager", "local", "lowrank", "rope")
@@ -31,6 +35,26 @@ def _check_int(field: str, value: Any, minimum: int = 1) -> None:
 def _check_prob(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         _fail(field, value, "a float in [0, 1]")
+
+
+def _base_config_fields() -> set[str]:
+    """Keys transformers itself may put in any config.json (its own fields and popped generation keys)."""
+    known = set(PretrainedConfig().to_dict()) | set(GenerationConfig._get_default_generation_params())
+    known |= {"num_labels", "auto_map", "torch_dtype", "name_or_path", "attn_implementation",
+              "experts_implementation", "tokenizer_class", "prefix", "task_specific_params",
+              "finetuning_task", "decoder_start_token_id", "sep_token_id", "per_layer_config", "use_return_dict"}
+    return known
+
+
+def _reject_unknown_fields(kwargs: dict, written_by: str | None) -> None:
+    """A field we do not know means a newer format (or a typo): refuse rather than ignore it."""
+    unknown = sorted(k for k in kwargs if not k.startswith("_") and k not in _base_config_fields())
+    if unknown:
+        origin = f"hf_attn {written_by}" if written_by else "an unknown hf_attn version"
+        raise ValueError(
+            f"HfAttnConfig got unknown fields {unknown} (config written by {origin}; this is hf_attn "
+            f"{HF_ATTN_VERSION}). Upgrade hf_attn to load it, or remove the fields if they are typos."
+        )
 
 
 class HfAttnConfig(PretrainedConfig):
@@ -106,8 +130,10 @@ class HfAttnConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
+        hf_attn_version: str | None = None,
         **kwargs: Any,
     ) -> None:
+        _reject_unknown_fields(kwargs, hf_attn_version)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -143,6 +169,7 @@ class HfAttnConfig(PretrainedConfig):
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
+        self.hf_attn_version = HF_ATTN_VERSION
         # Validate before the base class runs its own (Llama-oriented) checks, so errors name our fields.
         self.validate_hf_attn()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -7,8 +7,12 @@ Tensor shapes: B batch, L new tokens, T = past + L tokens, H query heads, Hkv ke
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -185,6 +189,8 @@ class HfAttnPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = []
 
     def __init__(self, config: HfAttnConfig, *args, **kwargs) -> None:
+        # Fields may have been changed after the config was built (from_pretrained overrides, setattr).
+        config.validate_hf_attn()
         super().__init__(config, *args, **kwargs)
         # Free-form facts for the model card (datasets, eval results); set by training scripts.
         self.model_card_data: dict | None = None
@@ -200,6 +206,68 @@ class HfAttnPreTrainedModel(PreTrainedModel):
             std = linformer_init_std(self.config)
             init.normal_(module.linformer_e, mean=0.0, std=std)
             init.normal_(module.linformer_f, mean=0.0, std=std)
+
+    # Weights a model may legitimately lack in a checkpoint: a new classification head on a
+    # pretrained body (fine-tuning), or the LM head when it is tied to the input embedding.
+    _allowed_missing_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` with safety rails.
+
+        Loads safetensors only (never unpickles), turns an unreadable weights file into a
+        ``ValueError`` naming the file, refuses weights that leave parameters of this model
+        uninitialised (e.g. switching ``attention_mode`` to one with extra parameters), and warns
+        when checkpoint weights go unused (e.g. switching from ``eager`` to ``rope`` drops the
+        absolute position table).
+        """
+        kwargs.setdefault("use_safetensors", True)
+        return_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as err:
+            raise ValueError(
+                f"cannot read the weights in {os.path.join(str(pretrained_model_name_or_path), 'model.safetensors')}: "
+                f"{err} (truncated or corrupted file?)"
+            ) from err
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise ValueError(
+                f"the weights in {pretrained_model_name_or_path} have shapes that do not match its config "
+                "(see the size-mismatch report above): the checkpoint and config.json disagree"
+            ) from err
+        missing = [k for k in info["missing_keys"] if not k.startswith(cls._allowed_missing_prefixes)]
+        if missing or info.get("mismatched_keys"):
+            raise ValueError(
+                f"the weights in {pretrained_model_name_or_path} do not match this {model.config.attention_mode!r} "
+                f"model: missing {sorted(missing)}, shape mismatches {sorted(info.get('mismatched_keys') or [])}. "
+                "Modes share weights only where shapes agree (eager, rope and local attention layers); "
+                "lowrank adds parameters that other checkpoints do not have."
+            )
+        saved = cls.config_class.get_config_dict(pretrained_model_name_or_path)[0]
+        switched = {
+            key: (saved.get(key), getattr(model.config, key))
+            for key in ("attention_mode", "position_embedding_type", "is_causal")
+            if key in saved and saved[key] != getattr(model.config, key)
+        }
+        if switched:
+            warnings.warn(
+                f"{pretrained_model_name_or_path} was trained with a different attention setup; loading it as "
+                + ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in switched.items())
+                + ". The weights fit, but the model computes a different function until fine-tuned.",
+                stacklevel=2,
+            )
+        if info["unexpected_keys"]:
+            warnings.warn(
+                f"{pretrained_model_name_or_path}: weights {sorted(info['unexpected_keys'])} are not used by this "
+                f"{model.config.attention_mode!r} / {model.config.position_embedding_type!r} model and were dropped "
+                "(expected when switching attention_mode or position_embedding_type on a checkpoint)",
+                stacklevel=2,
+            )
+        return (model, info) if return_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Save weights (safetensors), config (with ``auto_map`` for every Auto class), code and model card."""
@@ -491,6 +559,8 @@ class HfAttnForCausalLM(HfAttnPreTrainedModel, GenerationMixin):
 
 class HfAttnForSequenceClassification(HfAttnPreTrainedModel):
     """Decoder + linear head on the last real (non-padding) token of each row."""
+
+    _allowed_missing_prefixes = ("score.",)  # a new head on a pretrained body
 
     def __init__(self, config: HfAttnConfig) -> None:
         super().__init__(config)
