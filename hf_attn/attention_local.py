@@ -20,16 +20,53 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _band(window: int, span: int, is_causal: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w, span) bool masks: which key offsets s of its span query r of a block may see, and itself.
+def _span_blocks(is_causal: bool) -> int:
+    """Key blocks each query block sees: the previous and its own (+ the next when bidirectional)."""
+    return 2 if is_causal else 3
 
-    In padded key coordinates a query at block offset r sits at key offset r + w, so causal
-    attention allows s in [r + 1, r + w] and bidirectional attention s in [r + 1, r + 2w - 1].
+
+def _gather_blocks(x: torch.Tensor, n_blocks: int, window: int, span_blocks: int) -> torch.Tensor:
+    """(B, (n_blocks + span_blocks - 1) * w, ...) -> (B, n_blocks, span_blocks * w, ...): block b gets blocks b .. b + span_blocks - 1."""
+    x = x.view(x.shape[0], n_blocks + span_blocks - 1, window, *x.shape[2:])
+    return torch.cat([x[:, i: i + n_blocks] for i in range(span_blocks)], dim=2)
+
+
+def build_local_block_mask(
+    key_padding_mask: torch.Tensor | None,
+    query_length: int,
+    cached: int,
+    window: int,
+    is_causal: bool,
+    batch: int,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Blocked boolean mask (B * n_blocks, 1, w, span), ``True`` = may attend; O(n * w) bytes.
+
+    In padded key coordinates the query at offset r of a block sits at key offset r + w of its
+    span, so causal attention allows s in [r + 1, r + w] and bidirectional s in [r + 1, r + 2w - 1];
+    keys that are padding (or the zero blocks added at the edges) are masked. A query may always see
+    itself, so rows of padding never softmax over an empty set.
+
+    Args:
+        key_padding_mask: (B, cached + query_length) bool, ``True`` = real token, or ``None``.
+        cached: keys before the first query (0 <= cached < w).
     """
+    if key_padding_mask is not None:
+        device = key_padding_mask.device
+    n_blocks, span_blocks = -(-query_length // window), _span_blocks(is_causal)
+    span = span_blocks * window
     r = torch.arange(window, device=device)[:, None]
     s = torch.arange(span, device=device)[None, :]
-    upper = r + window if is_causal else r + 2 * window - 1
-    return (s > r) & (s <= upper), s == r + window
+    band = (s > r) & (s <= (r + window if is_causal else r + 2 * window - 1))  # (w, span)
+    itself = s == r + window
+    valid = torch.ones(1, cached + query_length, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        valid = key_padding_mask.bool()
+    left = window - cached
+    right = (n_blocks + span_blocks - 1) * window - left - valid.shape[1]
+    valid = _gather_blocks(F.pad(valid, (left, right)), n_blocks, window, span_blocks)  # (B or 1, nb, span)
+    mask = (band & valid[:, :, None, :]) | itself  # (B or 1, nb, w, span)
+    return mask.expand(batch, n_blocks, window, span).reshape(batch * n_blocks, 1, window, span)
 
 
 def local_attention_forward(
@@ -48,7 +85,9 @@ def local_attention_forward(
     """Blocked sliding-window attention.
 
     Args:
-        attention_mask: (B, Lk) bool key padding mask (``True`` = real token) or ``None``.
+        attention_mask: a block mask from ``build_local_block_mask`` (built once per forward by the
+            model and shared by all layers), or a (B, Lk) bool key padding mask / ``None``, from
+            which it is built here.
         implementation: ``"eager"`` forms the blocked weights and returns them, shaped
             (B, H, n_blocks, w, span) with span = 2w (3w bidirectional); ``"sdpa"`` runs
             ``scaled_dot_product_attention`` on the blocks and returns ``None``.
@@ -59,47 +98,43 @@ def local_attention_forward(
     cached = lk - lq
     if cached >= w:  # keys older than w - 1 positions before the first query are never seen
         key, value = key[:, :, cached - w + 1:], value[:, :, cached - w + 1:]
-        attention_mask = attention_mask[:, cached - w + 1:] if attention_mask is not None else None
-        cached = w - 1
-    n_blocks = -(-lq // w)
-    span = 2 * w if is_causal else 3 * w
-    left = w - cached  # put the first query at key offset w of block 0
-    right = n_blocks * w - lq + (0 if is_causal else w)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, cached - w + 1:]
+        cached, lk = w - 1, w - 1 + lq
+    if attention_mask is None or attention_mask.dim() == 2:
+        attention_mask = build_local_block_mask(attention_mask, lq, cached, w, is_causal, b, query.device)
+    n_blocks, span_blocks = -(-lq // w), _span_blocks(is_causal)
+    span = span_blocks * w
+    n = b * n_blocks
 
-    key_blocks = F.pad(key, (0, 0, left, right)).unfold(2, span, w)  # (B, Hkv, nb, D, span)
-    value_blocks = F.pad(value, (0, 0, left, right)).unfold(2, span, w)  # (B, Hkv, nb, D, span)
-    band, itself = _band(w, span, is_causal, query.device)  # (w, span) each
-    if attention_mask is None:
-        valid = F.pad(torch.ones(1, lq + cached, dtype=torch.bool, device=query.device), (left, right))
-    else:
-        valid = F.pad(attention_mask.bool(), (left, right))
-    valid = valid.unfold(1, span, w)  # (B or 1, nb, span)
-    mask = band & valid[:, None, :, None, :]  # (B or 1, 1, nb, w, span)
-    # Each query may always see itself, so padding rows never softmax over an empty set.
-    mask = mask | itself
+    # Work in (B, L, heads, D) layout, which is how the projections produced q, k, v, so the
+    # block views below are strided views of one padded copy; sdpa accepts the strides as they are.
+    q = F.pad(query.transpose(1, 2), (0, 0, 0, 0, 0, n_blocks * w - lq))  # (B, nb * w, H, D)
+    q = q.reshape(n, w, h, d).transpose(1, 2)  # (B * nb, H, w, D)
+    left = w - cached
+    right = (n_blocks + span_blocks - 1) * w - left - lk
 
-    q = F.pad(query, (0, 0, 0, n_blocks * w - lq))  # (B, H, nb * w, D)
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, Lk, D) -> (B * nb, Hkv, span, D)
+        x = F.pad(x.transpose(1, 2), (0, 0, 0, 0, left, right))
+        return _gather_blocks(x, n_blocks, w, span_blocks).view(n, span, hkv, d).transpose(1, 2)
+
+    k, v = blocks(key), blocks(value)
     if implementation == "eager":
         g = h // hkv
-        q = q.view(b, hkv, g, n_blocks, w, d)
-        scores = torch.matmul(q, key_blocks.unsqueeze(2)) * scaling  # (B, Hkv, g, nb, w, span)
-        scores = scores.masked_fill(~mask.unsqueeze(1), torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        scores = torch.matmul(q.reshape(n, hkv, g * w, d), k.transpose(-1, -2)) * scaling  # (B*nb, Hkv, g*w, span)
+        scores = scores.view(n, h, w, span).masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B*nb, H, w, span)
         weights = F.dropout(weights, p=dropout, training=module.training)
-        out = torch.matmul(weights, value_blocks.unsqueeze(2).transpose(-1, -2))  # (B, Hkv, g, nb, w, D)
-        out = out.reshape(b, h, n_blocks * w, d)[:, :, :lq]
-        return out.transpose(1, 2).contiguous(), weights.reshape(b, h, n_blocks, w, span)
-
-    # sdpa: fold the blocks into the batch axis -> (B * nb, heads, w, D) against (B * nb, Hkv, span, D)
-    q = q.view(b, h, n_blocks, w, d).transpose(1, 2).reshape(b * n_blocks, h, w, d)
-    k = key_blocks.permute(0, 2, 1, 4, 3).reshape(b * n_blocks, hkv, span, d)
-    v = value_blocks.permute(0, 2, 1, 4, 3).reshape(b * n_blocks, hkv, span, d)
-    m = mask.expand(b, 1, n_blocks, w, span).transpose(1, 2).reshape(b * n_blocks, 1, w, span)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=m, dropout_p=dropout if module.training else 0.0, scale=scaling, enable_gqa=h != hkv
-    )  # (B * nb, H, w, D)
-    out = out.view(b, n_blocks, h, w, d).permute(0, 1, 3, 2, 4).reshape(b, n_blocks * w, h, d)
-    return out[:, :lq].contiguous(), None
+        out = torch.matmul(weights.view(n, hkv, g * w, span), v).view(n, h, w, d)
+        weights = weights.view(b, n_blocks, h, w, span).transpose(1, 2)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
+            scale=scaling, enable_gqa=h != hkv,
+        )  # (B * nb, H, w, D)
+        weights = None
+    out = out.transpose(1, 2).reshape(b, n_blocks * w, h, d)[:, :lq]  # (B, Lq, H, D)
+    return out.contiguous(), weights
 
 
 class SlidingWindowCacheLayer:

@@ -2,9 +2,8 @@
 
 Each entry names the kernel (shared signature
 ``kernel(module, query, key, value, mask, scaling, dropout, **kwargs) -> (output, weights)``),
-the kind of mask it takes (``"full"``: (B, 1, Lq, Lk) bool or None; ``"keys"``: (B, Lk) bool key
-padding mask or None, the kernel applies its own structure), the generation cache layer it keeps,
-and an optional hook that adds mode-specific parameters to the attention module.
+how to build the mask it takes (once per forward, shared by every layer), the generation cache
+layer it keeps, and an optional hook that adds mode-specific parameters to the attention module.
 """
 
 from __future__ import annotations
@@ -12,9 +11,34 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .attention_eager import FullKVCacheLayer, eager_attention_forward, sdpa_attention_forward
-from .attention_local import SlidingWindowCacheLayer, local_attention_forward
+import torch
+
+from .attention_eager import (
+    FullKVCacheLayer,
+    build_full_attention_mask,
+    eager_attention_forward,
+    sdpa_attention_forward,
+)
+from .attention_local import SlidingWindowCacheLayer, build_local_block_mask, local_attention_forward
 from .attention_lowrank import LowRankStateCacheLayer, init_lowrank_module, lowrank_attention_forward
+
+# build_mask(key_padding_mask (B, past + L) bool or None, query_length, past_length, config, batch) -> mask
+MaskBuilder = Callable[[torch.Tensor | None, int, int, object, int], torch.Tensor | None]
+
+
+def _full_mask(key_mask, query_length, past_length, config, batch):
+    return build_full_attention_mask(key_mask, query_length, past_length + query_length, config.is_causal)
+
+
+def _local_mask(key_mask, query_length, past_length, config, batch):
+    cached = min(past_length, config.sliding_window - 1)  # what the window cache holds
+    keys = key_mask[:, -(cached + query_length):] if key_mask is not None else None
+    return build_local_block_mask(keys, query_length, cached, config.sliding_window, config.is_causal, batch,
+                                  key_mask.device if key_mask is not None else None)
+
+
+def _new_keys_mask(key_mask, query_length, past_length, config, batch):
+    return key_mask[:, -query_length:] if key_mask is not None else None  # the state holds the past
 
 
 @dataclass(frozen=True)
@@ -22,20 +46,21 @@ class AttentionSpec:
     """How one attention mode plugs into ``HfAttnAttention``."""
 
     kernel: Callable
-    mask_kind: str
+    build_mask: MaskBuilder
     make_cache_layer: Callable  # config -> cache layer with update(key, value), tensors(), reorder(index)
     init_module: Callable | None = None
+    # full softmax modes honour any transformers attn_implementation (eager, sdpa, flash, ...)
+    full_attention: bool = False
 
 
 ATTENTION_REGISTRY: dict[str, AttentionSpec] = {
-    # full softmax; the "eager"/"sdpa" attn_implementation picks the kernel at call time
-    "eager": AttentionSpec(sdpa_attention_forward, "full", lambda config: FullKVCacheLayer()),
-    "rope": AttentionSpec(sdpa_attention_forward, "full", lambda config: FullKVCacheLayer()),
+    "eager": AttentionSpec(sdpa_attention_forward, _full_mask, lambda config: FullKVCacheLayer(), full_attention=True),
+    "rope": AttentionSpec(sdpa_attention_forward, _full_mask, lambda config: FullKVCacheLayer(), full_attention=True),
     "local": AttentionSpec(
-        local_attention_forward, "keys", lambda config: SlidingWindowCacheLayer(config.sliding_window)
+        local_attention_forward, _local_mask, lambda config: SlidingWindowCacheLayer(config.sliding_window)
     ),
     "lowrank": AttentionSpec(
-        lowrank_attention_forward, "keys", lambda config: LowRankStateCacheLayer(), init_lowrank_module
+        lowrank_attention_forward, _new_keys_mask, lambda config: LowRankStateCacheLayer(), init_lowrank_module
     ),
 }
 

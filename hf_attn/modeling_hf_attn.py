@@ -25,7 +25,6 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention_eager import build_full_attention_mask
 from .attention_lowrank import linformer_init_std
 from .attention_registry import FULL_ATTENTION_KERNELS, get_attention_spec
 from .attention_rope import HfAttnRotary, apply_rotary
@@ -95,7 +94,7 @@ class HfAttnAttention(nn.Module):
         impl = self.config._attn_implementation or "sdpa"
         if output_attentions:
             impl = "eager"
-        if self.spec.mask_kind == "full":
+        if self.spec.full_attention:
             if impl in FULL_ATTENTION_KERNELS:
                 return FULL_ATTENTION_KERNELS[impl], impl
             return ALL_ATTENTION_FUNCTIONS.get_interface(impl, FULL_ATTENTION_KERNELS["sdpa"]), impl
@@ -121,8 +120,6 @@ class HfAttnAttention(nn.Module):
         if past_key_values is not None:
             cache_layer = past_key_values.layer(self.layer_idx, self.spec.make_cache_layer)
             key, value = cache_layer.update(key, value)  # (B, Hkv, T', D): what this mode keeps + new
-        if self.spec.mask_kind == "keys" and attention_mask is not None:
-            attention_mask = attention_mask[:, -key.shape[2]:]  # padding mask of exactly these keys
 
         kernel, impl = self._kernel(output_attentions)
         out, weights = kernel(
@@ -431,10 +428,8 @@ class HfAttnModel(HfAttnPreTrainedModel):
         hidden_states = self.dropout(hidden_states)
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
 
-        if self.layers[0].self_attn.spec.mask_kind == "full":
-            mask = build_full_attention_mask(key_mask, length, past_length + length, config.is_causal)
-        else:
-            mask = key_mask
+        # one mask per forward, in the form this mode's kernel takes, shared by every layer
+        mask = self.layers[0].self_attn.spec.build_mask(key_mask, length, past_length, config, batch)
 
         all_hidden = [] if output_hidden_states else None
         all_weights = [] if output_attentions else None
