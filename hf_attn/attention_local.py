@@ -121,6 +121,7 @@ def local_attention_forward(
     k, v = blocks(key), blocks(value)
     if implementation == "eager":
         g = h // hkv
+        k, v = k.contiguous(), v.contiguous()  # plain strides for the batched matmuls
         scores = torch.matmul(q.reshape(n, hkv, g * w, d), k.transpose(-1, -2)) * scaling  # (B*nb, Hkv, g*w, span)
         scores = scores.view(n, h, w, span).masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B*nb, H, w, span)

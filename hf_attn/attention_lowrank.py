@@ -16,7 +16,7 @@ writes into k soft slots, each query reads them, like Linformer's k compressed p
 assigned by content, so a prefix is summarised without seeing the future. The prefix sums run in
 chunks of ``config.lowrank_chunk_size``: exact within a chunk, carried state across chunks, so time
 is O(n * k * D) and memory O(n * k + (n / chunk) * k * D). Generation keeps only (S, z): a constant
-(B, Hkv, k, D) + (B, Hkv, k) state per layer.
+(B, Hkv, k, D + 1) state per layer.
 Shapes: query (B, H, L, D); key, value (B, Hkv, L, D); output (B, L, H, D).
 Weights returned with ``output_attentions``: bidirectional -> (B, H, L, k) softmax over the k slots;
 causal -> ``None`` (the n x n matrix is never formed).
@@ -109,7 +109,9 @@ def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
         weight = module.feature_map.weight.float().t()  # (D, k)
         fq = torch.softmax(query.float() @ weight, dim=-1)  # (B, H, L, k)
         fk = torch.softmax(key.float() @ weight, dim=-1)  # (B, Hkv, L, k)
-        v = value.float()
+        # A ones column rides along with the values, so each matmul below yields the numerator
+        # (first D channels) and the normaliser phi(q) . z (last channel) together.
+        v = F.pad(value.float(), (0, 1), value=1.0)  # (B, Hkv, L, D + 1)
         if attention_mask is not None:
             fk = fk * attention_mask[:, None, :, None].float()  # padding writes nothing
         if pad:
@@ -117,48 +119,41 @@ def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
         rank = fk.shape[-1]
         fq = fq.view(b, hkv, g, n_chunks, chunk, rank)
         fk = fk.view(b, hkv, 1, n_chunks, chunk, rank)
-        v = v.view(b, hkv, 1, n_chunks, chunk, d)
+        v = v.view(b, hkv, 1, n_chunks, chunk, d + 1)
 
-        chunk_kv = fk.transpose(-1, -2) @ v  # (B, Hkv, 1, nc, k, D)
-        chunk_z = fk.sum(-2)  # (B, Hkv, 1, nc, k)
-        state_kv = chunk_kv.cumsum(3)
-        state_z = chunk_z.cumsum(3)
-        # state before each chunk = inclusive prefix shifted by one chunk (+ the cached prefix)
-        prev_kv = torch.cat([torch.zeros_like(state_kv[:, :, :, :1]), state_kv[:, :, :, :-1]], dim=3)
-        prev_z = torch.cat([torch.zeros_like(state_z[:, :, :, :1]), state_z[:, :, :, :-1]], dim=3)
+        chunk_state = fk.transpose(-1, -2) @ v  # (B, Hkv, 1, nc, k, D + 1): what each chunk writes
+        inclusive = chunk_state.cumsum(3)
+        before = inclusive - chunk_state  # state at the start of each chunk
         past = cache_layer.state if cache_layer is not None else None
         if past is not None:
-            prev_kv = prev_kv + past[0][:, :, None, None]
-            prev_z = prev_z + past[1][:, :, None, None]
+            before = before + past[:, :, None, None]
 
         scores = (fq @ fk.transpose(-1, -2)).tril()  # (B, Hkv, g, nc, C, C), exact inside a chunk
-        num = scores @ v + fq @ prev_kv  # (B, Hkv, g, nc, C, D)
-        den = scores.sum(-1) + (fq * prev_z.unsqueeze(-2)).sum(-1)  # (B, Hkv, g, nc, C)
-        out = num / (den.unsqueeze(-1) + _EPS)
+        out = scores @ v + fq @ before  # (B, Hkv, g, nc, C, D + 1)
+        out = out[..., :d] / (out[..., d:] + _EPS)
 
         if cache_layer is not None:
-            total_kv, total_z = state_kv[:, :, 0, -1], state_z[:, :, 0, -1]  # (B, Hkv, k, D), (B, Hkv, k)
-            if past is not None:
-                total_kv, total_z = total_kv + past[0], total_z + past[1]
-            cache_layer.state = (total_kv, total_z)
+            total = inclusive[:, :, 0, -1]  # (B, Hkv, k, D + 1)
+            cache_layer.state = total + past if past is not None else total
 
     out = out.reshape(b, h, n_chunks * chunk, d)[:, :, :length]
     return out.transpose(1, 2).to(out_dtype).contiguous(), None
 
 
 class LowRankStateCacheLayer:
-    """Causal low-rank generation state (S, z): constant size, whatever the generated length."""
+    """Causal low-rank generation state: (B, Hkv, k, D + 1) holding S (first D channels) and z
+    (last channel); constant size, whatever the generated length."""
 
     def __init__(self) -> None:
-        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.state: torch.Tensor | None = None
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values are folded into the state by the kernel, never stored."""
         return key, value
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self.state) if self.state is not None else []
+        return [self.state] if self.state is not None else []
 
     def reorder(self, index: torch.Tensor) -> None:
         if self.state is not None:
-            self.state = tuple(t.index_select(0, index.to(t.device)) for t in self.state)
+            self.state = self.state.index_select(0, index.to(self.state.device))

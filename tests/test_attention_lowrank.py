@@ -49,7 +49,7 @@ def test_state_continues_exactly():
         sl = slice(t, t + 1)
         parts.append(lowrank_attention_forward(mod, q[:, :, sl], k[:, :, sl], v[:, :, sl], None, 8**-0.5, cache_layer=layer)[0])
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-5)
-    assert [t.shape for t in layer.tensors()] == [(1, 2, 8, 8), (1, 2, 8)]
+    assert [t.shape for t in layer.tensors()] == [(1, 2, 8, 9)]  # S (k x D) and z (k) side by side
 
 
 def test_causal_kernel_never_builds_square_tensor():

@@ -349,4 +349,4 @@ def test_lowrank_state_is_constant_size():
     cache = model(ids(1, 30), use_cache=True).past_key_values
     first = cache.nbytes()
     model(ids(1, 1), past_key_values=cache, use_cache=True)
-    assert cache.nbytes() == first == 2 * 4 * (2 * 8 * 8 + 2 * 8)  # layers x fp32 x (S: Hkv*k*D + z: Hkv*k)
+    assert cache.nbytes() == first == 2 * 4 * (2 * 8 * (8 + 1))  # layers x fp32 x Hkv x k x (D for S + 1 for z)
