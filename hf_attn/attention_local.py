@@ -15,6 +15,8 @@ During generation the cache keeps only the last w - 1 keys and values per layer.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +53,17 @@ def build_local_block_mask(
         key_padding_mask: (B, cached + query_length) bool, ``True`` = real token, or ``None``.
         cached: keys before the first query (0 <= cached < w).
     """
-    if key_padding_mask is not None:
-        device = key_padding_mask.device
+    if key_padding_mask is None:  # depends on sizes only: reuse it across layers, steps and calls
+        return _unpadded_block_mask(query_length, cached, window, is_causal, batch, device)
+    return _block_mask(key_padding_mask, query_length, cached, window, is_causal, batch, key_padding_mask.device)
+
+
+@lru_cache(maxsize=16)
+def _unpadded_block_mask(query_length, cached, window, is_causal, batch, device) -> torch.Tensor:
+    return _block_mask(None, query_length, cached, window, is_causal, batch, device)
+
+
+def _block_mask(key_padding_mask, query_length, cached, window, is_causal, batch, device) -> torch.Tensor:
     n_blocks, span_blocks = -(-query_length // window), _span_blocks(is_causal)
     span = span_blocks * window
     r = torch.arange(window, device=device)[:, None]
