@@ -22,22 +22,21 @@ from .attention_eager import (
 from .attention_local import SlidingWindowCacheLayer, build_local_block_mask, local_attention_forward
 from .attention_lowrank import LowRankStateCacheLayer, init_lowrank_module, lowrank_attention_forward
 
-# build_mask(key_padding_mask (B, past + L) bool or None, query_length, past_length, config, batch) -> mask
-MaskBuilder = Callable[[torch.Tensor | None, int, int, object, int], torch.Tensor | None]
+# build_mask(key_padding_mask (B, past + L) bool or None, query_length, past_length, config, batch, device) -> mask
+MaskBuilder = Callable[[torch.Tensor | None, int, int, object, int, torch.device], torch.Tensor | None]
 
 
-def _full_mask(key_mask, query_length, past_length, config, batch):
+def _full_mask(key_mask, query_length, past_length, config, batch, device):
     return build_full_attention_mask(key_mask, query_length, past_length + query_length, config.is_causal)
 
 
-def _local_mask(key_mask, query_length, past_length, config, batch):
+def _local_mask(key_mask, query_length, past_length, config, batch, device):
     cached = min(past_length, config.sliding_window - 1)  # what the window cache holds
     keys = key_mask[:, -(cached + query_length):] if key_mask is not None else None
-    return build_local_block_mask(keys, query_length, cached, config.sliding_window, config.is_causal, batch,
-                                  key_mask.device if key_mask is not None else None)
+    return build_local_block_mask(keys, query_length, cached, config.sliding_window, config.is_causal, batch, device)
 
 
-def _new_keys_mask(key_mask, query_length, past_length, config, batch):
+def _new_keys_mask(key_mask, query_length, past_length, config, batch, device):
     return key_mask[:, -query_length:] if key_mask is not None else None  # the state holds the past
 
 

@@ -429,7 +429,7 @@ class HfAttnModel(HfAttnPreTrainedModel):
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
 
         # one mask per forward, in the form this mode's kernel takes, shared by every layer
-        mask = self.layers[0].self_attn.spec.build_mask(key_mask, length, past_length, config, batch)
+        mask = self.layers[0].self_attn.spec.build_mask(key_mask, length, past_length, config, batch, device)
 
         all_hidden = [] if output_hidden_states else None
         all_weights = [] if output_attentions else None
