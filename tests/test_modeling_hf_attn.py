@@ -350,3 +350,13 @@ def test_lowrank_state_is_constant_size():
     first = cache.nbytes()
     model(ids(1, 1), past_key_values=cache, use_cache=True)
     assert cache.nbytes() == first == 2 * 4 * (2 * 8 * (8 + 1))  # layers x fp32 x Hkv x k x (D for S + 1 for z)
+
+
+@pytest.mark.parametrize("mode", ["eager", "local", "lowrank", "rope"])
+@torch.no_grad()
+def test_beam_search_reorders_the_cache(mode):
+    model = make_lm(mode, None)
+    prompt = ids(2, 5)
+    cached = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False)
+    uncached = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
