@@ -116,37 +116,125 @@ def local_attention_forward(
         attention_mask = build_local_block_mask(attention_mask, lq, cached, w, is_causal, b, query.device)
     n_blocks, span_blocks = -(-lq // w), _span_blocks(is_causal)
     span = span_blocks * w
-    n = b * n_blocks
-
-    # Work in (B, L, heads, D) layout, which is how the projections produced q, k, v, so the
-    # block views below are strided views of one padded copy; sdpa accepts the strides as they are.
-    q = F.pad(query.transpose(1, 2), (0, 0, 0, 0, 0, n_blocks * w - lq))  # (B, nb * w, H, D)
-    q = q.reshape(n, w, h, d).transpose(1, 2)  # (B * nb, H, w, D)
-    left = w - cached
+    left = w - cached  # zero key rows before the first key, so query 0 sits at offset w of block 0
     right = (n_blocks + span_blocks - 1) * w - left - lk
+    # (B, L, heads, D) layout: how the projections produced q, k, v, so these are free views
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
-    def blocks(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, Lk, D) -> (B * nb, Hkv, span, D)
-        x = F.pad(x.transpose(1, 2), (0, 0, 0, 0, left, right))
-        return _gather_blocks(x, n_blocks, w, span_blocks).view(n, span, hkv, d).transpose(1, 2)
+    if implementation != "eager" and not (module.training and dropout > 0):
+        out = _BlockedLocalAttention.apply(q, k, v, attention_mask, w, span_blocks, left, scaling)
+        return out[:, :lq], None
 
-    k, v = blocks(key), blocks(value)
+    k = F.pad(k, (0, 0, 0, 0, left, right))  # (B, (nb + sb - 1) * w, Hkv, D)
+    v = F.pad(v, (0, 0, 0, 0, left, right))
+
+    # Batched path over all blocks: forms the (B * nb, H, w, span) weights (eager), or runs sdpa with
+    # attention dropout, whose random mask cannot be replayed by the recomputing path above.
+    n = b * n_blocks
+    qb = F.pad(q, (0, 0, 0, 0, 0, n_blocks * w - lq)).reshape(n, w, h, d).transpose(1, 2)  # (B*nb, H, w, D)
+    kb = _gather_blocks(k, n_blocks, w, span_blocks).view(n, span, hkv, d).transpose(1, 2)  # (B*nb, Hkv, span, D)
+    vb = _gather_blocks(v, n_blocks, w, span_blocks).view(n, span, hkv, d).transpose(1, 2)
     if implementation == "eager":
         g = h // hkv
-        k, v = k.contiguous(), v.contiguous()  # plain strides for the batched matmuls
-        scores = torch.matmul(q.reshape(n, hkv, g * w, d), k.transpose(-1, -2)) * scaling  # (B*nb, Hkv, g*w, span)
+        kb, vb = kb.contiguous(), vb.contiguous()  # plain strides for the batched matmuls
+        scores = torch.matmul(qb.reshape(n, hkv, g * w, d), kb.transpose(-1, -2)) * scaling  # (B*nb, Hkv, g*w, span)
         scores = scores.view(n, h, w, span).masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B*nb, H, w, span)
         weights = F.dropout(weights, p=dropout, training=module.training)
-        out = torch.matmul(weights.view(n, hkv, g * w, span), v).view(n, h, w, d)
+        out = torch.matmul(weights.view(n, hkv, g * w, span), vb).view(n, h, w, d)
         weights = weights.view(b, n_blocks, h, w, span).transpose(1, 2)
     else:
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0,
-            scale=scaling, enable_gqa=h != hkv,
+            qb, kb, vb, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=h != hkv
         )  # (B * nb, H, w, D)
         weights = None
     out = out.transpose(1, 2).reshape(b, n_blocks * w, h, d)[:, :lq]  # (B, Lq, H, D)
     return out.contiguous(), weights
+
+
+# Query rows per group in the recomputing path: big enough that each sdpa call is efficient,
+# small enough that a group's temporaries (its key windows, their gradients) stay a few MB.
+_GROUP_ROWS = 1024
+
+
+class _BlockedLocalAttention(torch.autograd.Function):
+    """sdpa over groups of query blocks; backward recomputes each group instead of storing it.
+
+    Autograd through one batched sdpa call keeps every gathered key window (2x the keys) and its
+    gradient alive; here only q, k, v and the shared block mask are saved, and the zero padding at
+    the sequence edges exists only inside the first and last group, so the extra memory is O(group)
+    however long the sequence (for about one recomputed forward of extra time).
+
+    Inputs: q (B, Lq, H, D); k, v (B, Lk, Hkv, D), whose row 0 sits at padded row ``left``;
+    mask (B * nb, 1, w, span). Output: (B, nb * w, H, D), rows past Lq are padding.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, window, span_blocks, left, scaling):
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.args = (window, span_blocks, left, scaling)
+        b, lq, h, d = q.shape
+        n_blocks = -(-lq // window)
+        out = q.new_empty(b, n_blocks * window, h, d)
+        for start, stop in _groups(n_blocks, window):
+            qg, kg, vg, mg, _ = _group_inputs(q, k, v, mask, start, stop, window, span_blocks, left)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mg, scale=scaling, enable_gqa=qg.shape[1] != kg.shape[1])
+            out[:, start * window: stop * window] = og.transpose(1, 2).reshape(b, -1, h, d)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask = ctx.saved_tensors
+        window, span_blocks, left, scaling = ctx.args
+        b, lq, h, d = q.shape
+        n_blocks = -(-lq // window)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for start, stop in _groups(n_blocks, window):
+            qg, kg, vg, mg, (lo, hi, skip) = _group_inputs(q, k, v, mask, start, stop, window, span_blocks, left)
+            qg, kg, vg = (t.detach().requires_grad_(True) for t in (qg, kg, vg))
+            with torch.enable_grad():
+                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mg, scale=scaling, enable_gqa=qg.shape[1] != kg.shape[1])
+            go = grad_out[:, start * window: stop * window].reshape(-1, window, h, d).transpose(1, 2)
+            gq, gk, gv = torch.autograd.grad(og, (qg, kg, vg), go)
+            rows = min(stop * window, lq) - start * window
+            dq[:, start * window: start * window + rows] = gq.transpose(1, 2).reshape(b, -1, h, d)[:, :rows]
+            for grad, total in ((gk, dk), (gv, dv)):
+                # fold the overlapping windows back onto the group's key rows (window block i of
+                # query block j is key block j + i), then add the rows that exist into the total
+                blocks = stop - start
+                grad = grad.transpose(1, 2).reshape(b, blocks, span_blocks, window, *grad.shape[1:2], d)
+                folded = grad.new_zeros(b, blocks + span_blocks - 1, window, *grad.shape[4:])
+                for i in range(span_blocks):
+                    folded[:, i: i + blocks] += grad[:, :, i]
+                total[:, lo:hi] += folded.flatten(1, 2)[:, skip: skip + hi - lo]
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _groups(n_blocks: int, window: int) -> list[tuple[int, int]]:
+    per_group = max(1, _GROUP_ROWS // window)
+    return [(s, min(s + per_group, n_blocks)) for s in range(0, n_blocks, per_group)]
+
+
+def _group_inputs(q, k, v, mask, start, stop, window, span_blocks, left):
+    """Blocks ``start:stop`` as sdpa inputs: q (B*G, H, w, D), k/v windows (B*G, Hkv, span, D),
+    mask (B*G, 1, w, span), and where the group's key rows lie in k: (first, end, offset in the group)."""
+    b, lq, h, d = q.shape
+    blocks = stop - start
+    qg = q[:, start * window: stop * window]
+    if qg.shape[1] < blocks * window:  # the last group of a length that is not a multiple of w
+        qg = F.pad(qg, (0, 0, 0, 0, 0, blocks * window - qg.shape[1]))
+    qg = qg.reshape(b * blocks, window, h, d).transpose(1, 2)
+    # padded rows [start * w, (stop + sb - 1) * w) are k rows shifted by ``left``; outside k: zeros
+    first, end = start * window - left, (stop + span_blocks - 1) * window - left
+    lo, hi = max(first, 0), min(end, k.shape[1])
+    pad = (0, 0, 0, 0, lo - first, end - hi)
+    kg = _gather_blocks(F.pad(k[:, lo:hi], pad), blocks, window, span_blocks)  # (B, G, span, Hkv, D)
+    vg = _gather_blocks(F.pad(v[:, lo:hi], pad), blocks, window, span_blocks)
+    kg = kg.view(b * blocks, span_blocks * window, *k.shape[2:]).transpose(1, 2)
+    vg = vg.view(b * blocks, span_blocks * window, *v.shape[2:]).transpose(1, 2)
+    n_blocks = mask.shape[0] // b
+    mg = mask.view(b, n_blocks, 1, window, -1)[:, start:stop].reshape(b * blocks, 1, window, -1)
+    return qg, kg, vg, mg, (lo, hi, lo - first)
 
 
 class SlidingWindowCacheLayer:

@@ -72,3 +72,39 @@ def test_cache_layer_keeps_window_minus_one():
     step_k, _ = layer.update(torch.full((1, 1, 1, 1), 10.0), torch.zeros(1, 1, 1, 1))
     assert step_k.flatten().tolist() == [7.0, 8.0, 9.0, 10.0]
     assert layer.keys.flatten().tolist() == [8.0, 9.0, 10.0]
+
+
+@pytest.mark.parametrize("is_causal,length,cached", [(True, 23, 0), (True, 5, 2), (False, 23, 0), (True, 8, 0)])
+def test_recomputing_path_gradients_match_eager(monkeypatch, is_causal, length, cached):
+    """The grouped sdpa path (backward recomputes each group) gives the eager path's gradients."""
+    import hf_attn.attention_local as local
+
+    monkeypatch.setattr(local, "_GROUP_ROWS", 8)  # several groups of 2 blocks of w = 4
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, length, 8)
+    k, v = torch.randn(2, 2, cached + length, 8), torch.randn(2, 2, cached + length, 8)
+    key_mask = torch.ones(2, cached + length, dtype=torch.bool)
+    key_mask[1, :3] = False
+    grad_out = torch.randn(2, length, 4, 8)
+    results = []
+    for implementation in ("eager", "sdpa"):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out, _ = local_attention_forward(module(4), *inputs, key_mask, 8**-0.5, is_causal=is_causal,
+                                         implementation=implementation)
+        (out * grad_out).sum().backward()
+        results.append([out] + [t.grad for t in inputs])
+    for eager, grouped in zip(*results):
+        torch.testing.assert_close(grouped, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_recomputing_path_keeps_memory_linear():
+    """Saved tensors are q, k, v and the block mask: no padded or gathered (2x) key windows."""
+    n, window = 512, 16
+    q = torch.randn(1, 4, n, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, n, 8, requires_grad=True), torch.randn(1, 2, n, 8, requires_grad=True)
+    out, _ = local_attention_forward(module(window), q, k, v, None, 8**-0.5)
+    node = out.grad_fn  # the row slice, then the blocked function
+    while "BlockedLocalAttention" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    floats = [t.numel() for t in node.saved_tensors if t.dtype != torch.bool]
+    assert sum(floats) == q.numel() + k.numel() + v.numel()  # q, k, v themselves: no padded or gathered copies
