@@ -266,8 +266,14 @@ class HfAttnPreTrainedModel(PreTrainedModel):
             )
         return (model, info) if return_info else model
 
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Save weights (safetensors), config (with ``auto_map`` for every Auto class), code and model card."""
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs) -> None:
+        """Save weights (safetensors), config (with ``auto_map`` for every Auto class), code and model card.
+
+        With ``push_to_hub=True`` the folder is uploaded after the card is written, through the same
+        allow-list as ``push_to_hub`` (transformers' own push would upload before the card exists).
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "commit_description",
+                                                  "create_pr", "private", "revision") if k in kwargs}
         if self._auto_class is not None:
             self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -275,6 +281,19 @@ class HfAttnPreTrainedModel(PreTrainedModel):
             from .modelcard_hf_attn import write_model_card
 
             write_model_card(save_directory, self.config, self.model_card_data)
+            if push_to_hub:
+                from .hub_hf_attn import upload_checkpoint
+
+                repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+                upload_checkpoint(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload safetensors, config, code and the hf_attn model card in one commit (transformers'
+        version replaces README.md with a generic card). Same keyword arguments as
+        ``PreTrainedModel.push_to_hub``."""
+        from .hub_hf_attn import push_model_to_hub
+
+        return push_model_to_hub(self, repo_id, **kwargs)
 
 
 def _check_inputs(
@@ -556,6 +575,9 @@ class HfAttnForSequenceClassification(HfAttnPreTrainedModel):
     """Decoder + linear head on the last real (non-padding) token of each row."""
 
     _allowed_missing_prefixes = ("score.",)  # a new head on a pretrained body
+    # forward ignores Trainer's num_items_in_batch (its loss is a per-example mean), so Trainer
+    # must not rescale it by the number of processes
+    accepts_loss_kwargs = False
 
     def __init__(self, config: HfAttnConfig) -> None:
         super().__init__(config)
