@@ -122,6 +122,12 @@ def local_attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
     if implementation != "eager" and not (module.training and dropout > 0):
+        # Resolve autocast here, as sdpa would: the function's backward runs outside autocast and
+        # needs q, k, v in one dtype.
+        device_type = q.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = _BlockedLocalAttention.apply(q, k, v, attention_mask, w, span_blocks, left, scaling)
         return out[:, :lq], None
 
