@@ -1,0 +1,7 @@
+"""Benchmark suite: hf_attn's attention modes measured side by side with Hugging Face reference models.
+
+Never imported by the modeling code. Entry point: ``scripts/benchmark.py`` (``cli.main``).
+Modules: ``measure`` (timing, peak memory, matmul peak), ``kv_cache`` (cache bytes), ``flops`` (MFU),
+``spec`` (shared sizes), ``ours`` / ``reference`` (the two sides), ``suite`` (the sections),
+``report`` (files, ratios, targets, plots), ``cli``.
+"""

@@ -1,0 +1,77 @@
+"""Our side of the comparison: hf_attn models and one hf_attn attention layer, sized by a ``BenchSpec``.
+
+The package is imported lazily, so the reference side of the suite works on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .spec import BenchSpec
+
+
+def our_config(mode: str, spec: BenchSpec, num_layers: int | None = None):
+    """``HfAttnConfig`` of attention mode ``mode`` at the size of ``spec`` (window/rank from ``spec``)."""
+    from hf_attn import HfAttnConfig
+
+    return HfAttnConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers if num_layers is None else num_layers,
+        num_attention_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_positions, attention_mode=mode, sliding_window=spec.window,
+        lowrank_dim=spec.rank, hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+
+
+def build_our_model(mode: str, spec: BenchSpec) -> nn.Module:
+    """A randomly initialised ``HfAttnForCausalLM`` of mode ``mode`` in ``spec.dtype``."""
+    from hf_attn import HfAttnForCausalLM
+
+    return HfAttnForCausalLM(our_config(mode, spec)).to(spec.dtype)
+
+
+class OurAttentionAsInModel(nn.Module):
+    """Layer 0's ``HfAttnAttention`` called exactly as ``HfAttnModel.forward`` calls it (no padding):
+    position ids, rotary table (rope positions) and the mode's mask are built inside the step."""
+
+    def __init__(self, mode: str, spec: BenchSpec) -> None:
+        super().__init__()
+        from hf_attn import HfAttnModel
+
+        # A one-layer model, so the layer sees the config (attention implementation included) that
+        # the model resolved for it; only layer 0's attention and the rotary helper are used.
+        self.model = HfAttnModel(our_config(mode, spec, num_layers=1))
+        self.attn = self.model.layers[0].self_attn
+
+    @property
+    def implementation(self) -> str:
+        """The attention implementation the model resolved (e.g. ``"sdpa"``)."""
+        return str(self.model.config._attn_implementation)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, n, hidden) -> (B, n, hidden)."""
+        b, n, _ = hidden.shape
+        position_ids = torch.arange(n, device=hidden.device)[None]
+        rotary = self.model.rotary
+        position_embeddings = rotary(position_ids, hidden.dtype) if rotary is not None else None
+        # the mask in the form this mode's kernel takes, built as HfAttnModel.forward builds it
+        mask = self.attn.spec.build_mask(None, n, 0, self.model.config, b, hidden.device)
+        out, _ = self.attn(hidden, mask, position_ids, position_embeddings)
+        return out
+
+    def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The mode's attention math alone, mask creation included: (B, H, n, D) q, k, v -> (B, n, H, D)."""
+        b, _, n, _ = q.shape
+        position_ids = torch.arange(n, device=q.device)[None]
+        mask = self.attn.spec.build_mask(None, n, 0, self.model.config, b, q.device)
+        kernel, impl = self.attn._kernel(False)  # the kernel HfAttnAttention.forward would pick
+        out, _ = kernel(self.attn, q, k, v, mask, self.attn.scaling, 0.0, is_causal=True, cache_layer=None,
+                        position_ids=position_ids, implementation=impl)
+        return out
+
+
+def build_our_layer(mode: str, spec: BenchSpec) -> OurAttentionAsInModel:
+    """One hf_attn attention layer of mode ``mode`` (projections included) in ``spec.dtype``."""
+    return OurAttentionAsInModel(mode, spec).to(spec.dtype)

@@ -1,0 +1,229 @@
+"""Tests of the benchmark machinery (hf_attn.benchmark) at tiny sizes.
+
+No timed assertions here: speed targets live in the benchmark itself (scripts/benchmark.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_attn.benchmark import cli, report
+from hf_attn.benchmark.flops import attention_context, matmul_param_count, training_flops_per_token
+from hf_attn.benchmark.kv_cache import cache_nbytes
+from hf_attn.benchmark.measure import peak_memory_bytes, peak_of_allocations, time_interleaved
+from hf_attn.benchmark.ours import build_our_model
+from hf_attn.benchmark.reference import build_reference_model
+from hf_attn.benchmark.spec import BenchSpec
+from hf_attn.benchmark.suite import COLUMNS, RunOptions, cache_bytes_curve, make_row, run_suite
+
+TINY = BenchSpec(hidden_size=32, num_heads=2, num_layers=1, intermediate_size=64, vocab_size=64, window=8,
+                 rank=4, max_positions=64)
+TINY_ARGS = ["--seq-lens", "16,32", "--repeats", "1", "--warmup", "0", "--time-budget", "0", "--hidden-size", "32", "--num-heads", "2",
+             "--num-layers", "1", "--intermediate-size", "64", "--vocab-size", "64", "--window", "8", "--rank", "4",
+             "--gen-prompt", "4", "--gen-tokens", "12", "--cache-stride", "1", "--train-seq-len", "16",
+             "--train-batch", "2", "--peak-matmul-size", "64", "--threads", "1"]
+
+
+# --- measurement primitives -------------------------------------------------------------------
+
+def test_peak_of_allocations_replays_events_in_time_order():
+    events = [(3, -40), (1, 40), (2, 20), (4, 28), (5, -48)]
+    assert peak_of_allocations(events) == 60  # 40 + 20 live before the first free
+
+
+def test_peak_memory_bytes_sees_torch_cpu_allocations():
+    def step():
+        a = torch.empty(2_500_000)  # 10 MB
+        b = torch.empty(1_250_000)  # 5 MB
+        del a
+        c = torch.empty(1_750_000)  # 7 MB: live b + c = 12 MB < the 15 MB peak
+        return b, c
+
+    peak = peak_memory_bytes(step)
+    assert 15_000_000 <= peak < 15_000_000 + 2**20
+
+
+def test_time_interleaved_runs_warmup_then_repeats_each_case():
+    calls: list[str] = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=2)
+    assert calls.count("a") == calls.count("b") == 5
+    assert calls[4:] == ["a", "b", "b", "a", "a", "b"]  # the order rotates every repeat
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    with pytest.raises(ValueError, match="repeats"):
+        time_interleaved({"a": lambda: None}, repeats=0)
+
+
+def test_time_interleaved_repeats_fast_cases_within_the_budget():
+    fast = time_interleaved({"a": lambda: None, "b": lambda: None}, repeats=2, warmup=0, budget_s=60.0, max_repeats=7)
+    assert {k: len(v) for k, v in fast.items()} == {"a": 7, "b": 7}  # cheap rounds: up to max_repeats
+    slow = time_interleaved({"a": lambda: time.sleep(0.02)}, repeats=2, warmup=0, budget_s=0.01)
+    assert len(slow["a"]) == 2  # the budget never cuts below ``repeats``
+
+
+# --- KV-cache bytes -----------------------------------------------------------------------------
+
+def test_cache_nbytes_of_hf_dynamic_cache_equals_its_keys_and_values():
+    model = build_reference_model("llama_sdpa", TINY).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 64, (2, 5)), use_cache=True).past_key_values
+    assert isinstance(cache, DynamicCache)
+    expected = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert expected == 1 * 2 * (2 * 2 * 5 * 16) * 4  # layers * (K, V) * (B, H, T, D) * fp32
+    assert cache_nbytes(cache) == expected
+
+
+def test_cache_nbytes_counts_each_storage_once_and_whole():
+    base = torch.zeros(100)  # 400 bytes
+    holder = type("Holder", (), {})()
+    holder.views = [base[:10], base[50:]]  # two views of one storage
+    holder.state = {"x": torch.zeros(3, dtype=torch.float64)}  # 24 bytes
+    holder.module = torch.nn.Linear(4, 4)  # weights are not cache
+    assert cache_nbytes(holder) == 400 + 24
+    assert cache_nbytes(None) == 0
+
+
+def test_mistral_sliding_cache_is_bounded_by_the_window():
+    model = build_reference_model("mistral_sdpa", TINY).eval()
+    curve = dict(cache_bytes_curve(model, torch.randint(0, 64, (1, 3)), new_tokens=12))
+    per_token = 2 * 2 * 16 * 4  # (K, V) * H * D * fp32, one layer
+    assert curve[0] >= 3 * per_token
+    assert curve[12] == curve[10] < (TINY.window + 1) * per_token  # keeps window - 1 tokens (+ a counter)
+
+
+@pytest.mark.parametrize("mode", ["eager", "rope", "local", "lowrank"])
+def test_our_cache_bytes_match_the_cache_tensors(mode):
+    model = build_our_model(mode, TINY).eval()
+    prompt = torch.randint(0, 64, (1, 3))
+    curve = cache_bytes_curve(model, prompt, new_tokens=12)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+    assert curve[0][1] == cache_nbytes(cache) == cache.nbytes()  # our count == the cache's own count
+    per_token = 2 * 2 * 16 * 4  # (K, V) * H * D * fp32, one layer
+    sizes = dict(curve)
+    if mode in ("eager", "rope"):
+        assert sizes[12] == (3 + 12) * per_token
+    elif mode == "local":
+        assert sizes[12] == sizes[8] == (TINY.window - 1) * per_token
+    else:  # (S, z) state: (B, H, k, D) + (B, H, k)
+        assert sizes[12] == sizes[1] == 2 * TINY.rank * (16 + 1) * 4
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------
+
+def test_matmul_param_count_counts_tied_head_once():
+    model = build_reference_model("llama_sdpa", TINY)
+    h, i, v = 32, 64, 64
+    assert matmul_param_count(model) == 4 * h * h + 3 * h * i + v * h
+    gpt2 = build_reference_model("gpt2_sdpa", TINY)  # Conv1D layers; position table excluded
+    assert matmul_param_count(gpt2) == 4 * h * h + 2 * h * i + v * h
+
+
+def test_training_flops_per_token_and_context():
+    assert training_flops_per_token(1000, 2, 64, 128) == 6 * 1000 + 12 * 2 * 64 * 128
+    assert attention_context("eager", 4096, 256, 64) == 4096
+    assert attention_context("local", 4096, 256, 64) == 256
+    assert attention_context("local", 100, 256, 64) == 100
+    assert attention_context("lowrank", 4096, 256, 64) == 64
+
+
+# --- ratios and targets from rows -------------------------------------------------------------
+
+def _rows_for_targets(local_times: dict[int, float]) -> list[dict]:
+    rows = [make_row("attention", "ours_local", seq_len=n, time_s=t, cpu_time_s=t, peak_mem_bytes=n * 10)
+            for n, t in local_times.items()]
+    rows += [make_row("scaling", "ours_local", seq_len=n, time_s=t, cpu_time_s=t) for n, t in local_times.items()]
+    rows += [make_row("attention", "sdpa_causal", seq_len=16384, time_s=20.0, peak_mem_bytes=10**9),
+             make_row("attention", "mistral_sdpa", seq_len=16384, time_s=30.0, peak_mem_bytes=10**9)]
+    rows += [make_row("train", "ours_eager", seq_len=1024, time_s=1.0, tokens_per_s=100.0),
+             make_row("train", "ours_rope", seq_len=1024, time_s=1.04, tokens_per_s=96.0),
+             make_row("train", "llama_sdpa", seq_len=1024, time_s=1.0, tokens_per_s=98.0)]
+    rows += [make_row("generation_cache", "ours_local", seq_len=n, kv_cache_bytes=b)
+             for n, b in ((4, 100), (8, 200), (9, 200), (12, 200))]
+    return rows
+
+
+def test_ratio_rows_divide_ours_by_the_reference_at_equal_length():
+    rows = _rows_for_targets({8192: 1.0, 16384: 2.0})
+    ratios = report.ratio_rows(rows)
+    time_vs_sdpa = [r for r in ratios if r["ours"] == "ours_local" and r["reference"] == "sdpa_causal"
+                    and r["metric"] == "time"]
+    assert [(r["seq_len"], r["ratio"]) for r in time_vs_sdpa] == [(16384, 2.0 / 20.0)]
+    train = {(r["ours"], r["metric"]): r["ratio"] for r in ratios if r["section"] == "train"}
+    assert train[("ours_eager", "tokens_per_s")] == pytest.approx(100 / 98)
+
+
+def test_targets_pass_and_fail_from_rows():
+    targets = {t.name: t for t in report.evaluate_targets(_rows_for_targets({8192: 1.0, 16384: 2.0}), 8, 4)}
+    assert targets["local_attention_speed"].passed and targets["local_attention_speed"].measured == 10.0
+    assert targets["local_attention_memory"].measured == pytest.approx(10**9 / 163840)
+    assert targets["local_linear_time"].measured == 2.0 and targets["local_linear_time"].passed
+    assert targets["eager_train_throughput"].passed and not targets["rope_train_throughput"].passed
+    assert targets["rope_overhead"].measured == pytest.approx(1.04) and targets["rope_overhead"].passed
+    assert targets["local_kv_cache_constant"].passed  # lengths >= window 8: 200 bytes throughout
+    assert targets["lowrank_attention_speed"].verdict == "NOT MEASURED"
+
+    slow = {t.name: t for t in report.evaluate_targets(_rows_for_targets({4096: 1.0, 8192: 2.0, 16384: 4.5}), 8, 4)}
+    assert slow["local_linear_time"].measured == 2.25 and slow["local_linear_time"].verdict == "FAIL"
+
+
+# --- the whole pipeline at tiny sizes --------------------------------------------------------
+
+def test_memory_budget_skips_are_recorded_not_dropped():
+    opts = RunOptions(seq_lens=(16,), modes=("local",), reference_layers=("mistral_eager",), sections=("attention",),
+                      repeats=1, warmup=0, time_budget_s=0.0, mem_budget_bytes=1, peak_matmul_size=64)
+    rows, _ = run_suite(opts, TINY, log=lambda _: None)
+    statuses = {r["case"]: (r["status"], r["note"]) for r in rows}
+    assert statuses["ours_local"][0] == "ok"
+    assert statuses["mistral_eager"][0] == "skipped" and "memory budget" in statuses["mistral_eager"][1]
+
+
+def test_cli_smoke_run_writes_well_formed_results(tmp_path, capsys):
+    assert cli.main([*TINY_ARGS, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "Targets:" in printed and "threads 1" in printed and "dtype float32" in printed
+
+    with open(tmp_path / "results.csv", newline="", encoding="utf-8") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    payload = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    rows = payload["rows"]
+    assert len(csv_rows) == len(rows) > 0
+    assert list(csv_rows[0]) == list(COLUMNS)
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    cases = {(r["section"], r["case"]) for r in rows}
+    for mode in ("eager", "local", "lowrank", "rope"):
+        for section in ("attention", "kernel", "scaling", "model", "generation", "generation_cache", "train"):
+            skipped = (section, mode) == ("kernel", "rope") or (section == "scaling" and mode in ("eager", "rope"))
+            assert ((section, f"ours_{mode}") in cases) != skipped
+    for section in ("attention", "kernel", "model"):
+        for r in report.ok_rows(rows, section):
+            assert r["time_s"] > 0 and r["peak_mem_bytes"] > 0 and r["seq_len"] in (16, 32)
+            assert r["time_s_min"] <= r["time_s"] <= r["time_s_max"] and r["repeats"] == 1
+    for r in report.ok_rows(rows, "train"):
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["time_s"]) and 0 < r["mfu"]
+    gen_cache = [r for r in rows if r["section"] == "generation_cache" and r["case"] == "ours_local"]
+    assert [r["gen_len"] for r in gen_cache] == list(range(13))
+
+    # every ratio is recomputable from the rows it names
+    index = {(r["section"], r["case"], r["seq_len"]): r for r in rows}
+    for ratio in payload["ratios"]:
+        column = report.RATIO_METRICS[ratio["metric"]]
+        ours = index[(ratio["section"], ratio["ours"], ratio["seq_len"])][column]
+        ref = index[(ratio["section"], ratio["reference"], ratio["seq_len"])][column]
+        assert ratio["ratio"] == pytest.approx(ours / ref)
+    assert {t["verdict"] for t in payload["targets"]} <= {"PASS", "FAIL", "NOT MEASURED"}
+    assert payload["environment"]["threads"] == 1 and payload["environment"]["matmul_peak_flops"] > 0
+    for name in ("attention.png", "kernel.png", "model.png", "generation.png", "train.png", "summary.md", "ratios.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+
+    # re-rendering from results.json measures nothing and reproduces ratios and targets
+    again = tmp_path / "again"
+    assert cli.main(["--from-json", str(tmp_path / "results.json"), "--out", str(again)]) == 0
+    rerendered = json.loads((again / "results.json").read_text(encoding="utf-8"))
+    assert rerendered["rows"] == rows and rerendered["targets"] == payload["targets"]
+    assert payload["environment"]["command"] in (again / "summary.md").read_text(encoding="utf-8")
