@@ -112,6 +112,11 @@ def local_attention_forward(
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = attention_mask[:, cached - w + 1:]
         cached, lk = w - 1, w - 1 + lq
+    if attention_mask is None and lq == 1 and implementation != "eager":
+        # one new token, no padding: every kept key (at most w - 1 cached + itself) is in its window,
+        # so plain attention over them is exact; no blocks, no mask (the decoding fast path)
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=h != hkv)
+        return out.transpose(1, 2).contiguous(), None
     if attention_mask is None or attention_mask.dim() == 2:
         attention_mask = build_local_block_mask(attention_mask, lq, cached, w, is_causal, b, query.device)
     n_blocks, span_blocks = -(-lq // w), _span_blocks(is_causal)

@@ -31,6 +31,8 @@ def _full_mask(key_mask, query_length, past_length, config, batch, device):
 
 
 def _local_mask(key_mask, query_length, past_length, config, batch, device):
+    if key_mask is None and query_length == 1:
+        return None  # decoding one unpadded token: the kernel's fast path needs no mask
     cached = min(past_length, config.sliding_window - 1)  # what the window cache holds
     keys = key_mask[:, -(cached + query_length):] if key_mask is not None else None
     return build_local_block_mask(keys, query_length, cached, config.sliding_window, config.is_causal, batch, device)

@@ -108,3 +108,14 @@ def test_recomputing_path_keeps_memory_linear():
         node = node.next_functions[0][0]
     floats = [t.numel() for t in node.saved_tensors if t.dtype != torch.bool]
     assert sum(floats) == q.numel() + k.numel() + v.numel()  # q, k, v themselves: no padded or gathered copies
+
+
+@pytest.mark.parametrize("cached", [0, 2, 3, 9])
+def test_single_token_fast_path_matches_dense_reference(cached):
+    """Decoding one unpadded token skips the blocks; the result is still the windowed attention."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 8)
+    k, v = torch.randn(2, 2, cached + 1, 8), torch.randn(2, 2, cached + 1, 8)
+    got, _ = local_attention_forward(module(4), q, k, v, None, 8**-0.5)
+    expected = dense_reference(q, k, v, None, 4, True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
