@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_eager import FullKVCacheLayer
+
 
 def _span_blocks(is_causal: bool) -> int:
     """Key blocks each query block sees: the previous and its own (+ the next when bidirectional)."""
@@ -248,13 +250,12 @@ def _group_inputs(q, k, v, mask, start, stop, window, span_blocks, left):
     return qg, kg, vg, mg, (lo, hi, lo - first)
 
 
-class SlidingWindowCacheLayer:
+class SlidingWindowCacheLayer(FullKVCacheLayer):
     """Keeps the last ``window - 1`` keys and values: bounded memory however long generation runs."""
 
     def __init__(self, window: int) -> None:
+        super().__init__()
         self.window = window
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return cached + new keys/values for this call; keep only the last ``window - 1``."""
@@ -266,11 +267,3 @@ class SlidingWindowCacheLayer:
         self.keys = key[:, :, -keep:].clone() if keep > 0 else key[:, :, :0]
         self.values = value[:, :, -keep:].clone() if keep > 0 else value[:, :, :0]
         return key, value
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.keys, self.values) if t is not None]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, index.to(self.keys.device))
-            self.values = self.values.index_select(0, index.to(self.values.device))

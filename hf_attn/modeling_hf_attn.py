@@ -183,7 +183,6 @@ class HfAttnPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    _keys_to_ignore_on_load_unexpected = []
 
     def __init__(self, config: HfAttnConfig, *args, **kwargs) -> None:
         # Fields may have been changed after the config was built (from_pretrained overrides, setattr).
