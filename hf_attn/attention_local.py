@@ -3,10 +3,17 @@
 Papers: Beltagy et al., "Longformer" (2020); Jiang et al., "Mistral 7B" (2023).
 Math: ``out_i = softmax_j(q_i k_j * scaling) v_j`` over ``i - w < j <= i`` (causal) or
 ``|i - j| < w`` (bidirectional), w = ``config.sliding_window``.
-Blocking: queries are cut into blocks of w; query block b only needs key blocks b-1 and b
-(and b+1 when bidirectional), gathered with ``unfold`` as a strided view, so the score tensor is
-(B, H, n/w, w, 2w): O(n * w) time and memory. No n x n score matrix or mask exists anywhere,
-padding masks included: the padding mask is unfolded the same way, (B, n/w, 2w).
+Three paths, all O(n * w) time and memory; no n x n score matrix or mask exists anywhere:
+- banded (CPU, causal, no padding, no cache: pretraining and the benchmark): queries in chunks of
+  c = min(w, 64) rows, each chunk running PyTorch's CPU flash kernel over its own overlapping
+  window of w + c keys (strided views, one shared (c, w + c) band mask), softmax statistics saved
+  so the backward is the kernel's own backward, not a recomputation; the first w queries are one
+  plain causal call.
+- blocked (padding masks, caches, bidirectional, GPU): queries in blocks of w; block b needs key
+  blocks b-1 and b (and b+1 when bidirectional), with a (B * n/w, 1, w, span) mask built once per
+  forward; the sdpa version recomputes each group of blocks in backward instead of storing it.
+- eager (``output_attentions``, attention dropout): the blocked math written out, returning the
+  (B, H, n/w, w, span) weights.
 Shapes: query (B, H, Lq, D); key, value (B, Hkv, Lk, D) where the queries are the last Lq of the
 Lk keys (Lk - Lq cached keys come first); output (B, Lq, H, D).
 Limits: information travels at most w - 1 positions per layer (receptive field L * (w - 1)).
@@ -93,6 +100,7 @@ def local_attention_forward(
     *,
     is_causal: bool = True,
     implementation: str = "sdpa",
+    scratch_output: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blocked sliding-window attention.
@@ -119,6 +127,9 @@ def local_attention_forward(
         # so plain attention over them is exact; no blocks, no mask (the decoding fast path)
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=h != hkv)
         return out.transpose(1, 2).contiguous(), None
+    if (attention_mask is None and cached == 0 and is_causal and implementation != "eager"
+            and not (module.training and dropout > 0) and query.device.type == "cpu"):
+        return _banded_local_attention(query, key, value, w, scaling, scratch_output), None
     if attention_mask is None or attention_mask.dim() == 2:
         attention_mask = build_local_block_mask(attention_mask, lq, cached, w, is_causal, b, query.device)
     n_blocks, span_blocks = -(-lq // w), _span_blocks(is_causal)
@@ -163,6 +174,179 @@ def local_attention_forward(
         weights = None
     out = out.transpose(1, 2).reshape(b, n_blocks * w, h, d)[:, :lq]  # (B, Lq, H, D)
     return out.contiguous(), weights
+
+
+def _banded_local_attention(query, key, value, window, scaling, scratch_output=False):
+    """The banded path: (B, H, L, D) q, (B, Hkv, L, D) k, v -> (B, L, H, D).
+
+    ``scratch_output``: the caller keeps neither the output nor the gradient it will send back
+    (``HfAttnAttention`` only feeds the output to o_proj), so the backward may store gradients in
+    their memory; see ``_BandedLocalAttention.backward``.
+    """
+    h, hkv = query.shape[1], key.shape[1]
+    if h != hkv:  # the flash kernel takes equal head counts
+        key, value = key.repeat_interleave(h // hkv, dim=1), value.repeat_interleave(h // hkv, dim=1)
+    device_type = query.device.type  # resolve autocast here, as sdpa would (see _BlockedLocalAttention)
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
+    q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))  # (B, L, H, D) views
+    return _BandedLocalAttention.apply(q, k, v, window, scaling, scratch_output)
+
+
+# Query rows per chunk of the banded path: each chunk attends to its own rows and the ``window``
+# rows before them (span = window + chunk keys, a fixed band mask shared by every chunk), so the
+# work is (window + chunk) / window of the exact band. Measured at w=256 on the 2-core CPU (fwd +
+# bwd, interleaved): 64 beat 32, 48, 96, 128 and 256 (the kernel loses efficiency below 64 rows).
+_BAND_CHUNK = 64
+# Query rows per call of the flash kernel in the banded path: bounds the backward's temporaries
+# (the gradient of each chunk's key window) to a few MB however long the sequence.
+_BAND_GROUP_ROWS = 512
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+@lru_cache(maxsize=16)
+def _band_bias(chunk: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, chunk, window + chunk) additive mask: query r of a chunk sees window offsets s in (r, r + window]."""
+    r = torch.arange(chunk, device=device)[:, None]
+    s = torch.arange(window + chunk, device=device)[None, :]
+    allowed = (s > r) & (s <= r + window)
+    return torch.zeros(chunk, window + chunk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))[None, None]
+
+
+def _band_calls(length: int, window: int, chunk: int):
+    """The flash calls covering queries [0, length): (query start, chunks, rows per chunk).
+
+    Queries [0, min(length, window)) see every earlier key: one plain causal call, ``chunks=0``.
+    Later queries go in chunks of ``chunk`` rows; chunk rows [a, a + rows) use keys [a - window, a + rows).
+    """
+    head = min(length, window)
+    calls = [(0, 0, head)]
+    per_group = max(1, _BAND_GROUP_ROWS // chunk)
+    start = head
+    while length - start >= chunk:
+        chunks = min(per_group, (length - start) // chunk)
+        calls.append((start, chunks, chunk))
+        start += chunks * chunk
+    if start < length:
+        calls.append((start, 1, length - start))
+    return calls
+
+
+def _band_views(t: torch.Tensor, bi: int, start: int, chunks: int, rows: int, window: int = 0):
+    """Strided views of t (B, L, H, D) for one call, as the kernel takes them (no copies, any strides):
+    query rows (chunks, H, rows, D), or with ``window > 0`` each chunk's overlapping key window
+    (chunks, H, window + rows, D), chunk c seeing rows [start + c * rows - window, start + (c + 1) * rows)."""
+    if chunks == 0:  # the head call: plain causal attention over rows [0, rows)
+        return t[bi: bi + 1, :rows].transpose(1, 2)
+    s_l, s_h, s_d = t.stride(1), t.stride(2), t.stride(3)
+    first = t[bi, start - window:]
+    return first.as_strided((chunks, t.shape[2], window + rows, t.shape[3]), (rows * s_l, s_h, s_l, s_d))
+
+
+class _BandedLocalAttention(torch.autograd.Function):
+    """Causal sliding-window attention on the CPU flash kernel, with its softmax statistics kept.
+
+    Each chunk of queries runs flash attention over its overlapping key window with one shared band
+    mask (views, no copies), and the log-sum-exp of every row is saved, so the backward calls the
+    kernel's own backward once per group instead of recomputing the forward. Saved: q, k, v, the
+    output (which the output projection keeps anyway) and (B, L, H) statistics; the backward's extra
+    memory is one group's key-window gradients. Inputs: (B, L, H, D) with any strides (the
+    projections' transposed layout is used as is); output: (B, L, H, D) contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scaling, scratch):
+        b, length, h, _ = q.shape
+        chunk = min(window, _BAND_CHUNK)
+        bias = _band_bias(chunk, window, q.dtype, q.device)
+        out = q.new_empty(q.shape)  # (B, L, H, D) contiguous, whatever the strides of q
+        lse = None
+        for bi in range(b):
+            for start, chunks, rows in _band_calls(length, window, chunk):
+                qv = _band_views(q, bi, start, chunks, rows)
+                kv, vv = (_band_views(t, bi, start, chunks, rows, window) for t in (k, v))
+                mask = bias[:, :, :rows, : window + rows] if chunks else None
+                o, stats = _flash_cpu(qv, kv, vv, 0.0, chunks == 0, attn_mask=mask, scale=scaling)
+                if lse is None:
+                    lse = q.new_empty(b, length, h, dtype=stats.dtype)
+                _band_views(out, bi, start, chunks, rows).copy_(o)
+                _band_views(lse[..., None], bi, start, chunks, rows)[..., 0].copy_(stats)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (window, scaling, scratch)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        window, scaling, scratch = ctx.args
+        b, length, h, d = q.shape
+        chunk = min(window, _BAND_CHUNK)
+        bias = _band_bias(chunk, window, q.dtype, q.device)
+        if grad_out.shape != q.shape or not grad_out.is_contiguous():
+            grad_out = grad_out.contiguous()
+        # Where the gradients go. Rows of grad_out and out are read only by the call that holds
+        # their queries, so once a call is done its rows are free: when the caller does not keep
+        # either (``scratch_output``) and the graph is not retained, dq takes grad_out's rows and
+        # dk the output's, which saves two (B, L, H, D) buffers at the backward's peak.
+        reuse = scratch and not torch._C._autograd._get_current_graph_task_keep_graph()
+        dq = grad_out if reuse else q.new_empty(q.shape)
+        dk = out.detach() if reuse else k.new_empty(k.shape)
+        dv = v.new_empty(v.shape)
+        for bi in range(b):
+            done = 0  # key rows [0, done) hold their final gradient; [done, end) are in acc_k / acc_v
+            acc_k = acc_v = None
+            for start, chunks, rows in _band_calls(length, window, chunk):
+                views = [_band_views(t, bi, start, chunks, rows) for t in (grad_out, q, out)]
+                kv, vv = (_band_views(t, bi, start, chunks, rows, window) for t in (k, v))
+                stats = _band_views(lse[..., None], bi, start, chunks, rows)[..., 0]
+                mask = bias[:, :, :rows, : window + rows] if chunks else None
+                gq, gk, gv = _flash_cpu_backward(views[0], views[1], kv, vv, views[2], stats, 0.0, chunks == 0,
+                                                 attn_mask=mask, scale=scaling)
+                first = start - window if chunks else 0  # first key row of this call
+                end = start + chunks * rows if chunks else rows
+                _flush(acc_k, dk[bi], done, first)  # rows before this call's keys are final
+                _flush(acc_v, dv[bi], done, first)
+                acc_k = _carry(None if acc_k is None else acc_k[first - done:], k[bi], first, end)
+                acc_v = _carry(None if acc_v is None else acc_v[first - done:], v[bi], first, end)
+                done = first
+                _band_views(dq, bi, start, chunks, rows).copy_(gq)  # after the call read grad_out
+                for acc, grad in ((acc_k, gk), (acc_v, gv)):
+                    _fold_windows(acc, grad, chunks, rows)
+            _flush(acc_k, dk[bi], done, length)
+            _flush(acc_v, dv[bi], done, length)
+        return dq, dk, dv, None, None, None
+
+
+def _carry(acc: torch.Tensor | None, like: torch.Tensor, done: int, end: int) -> torch.Tensor:
+    """The key-gradient accumulator for rows [done, end): the rows ``acc`` holds, then zeros."""
+    grown = like.new_zeros(end - done, *like.shape[1:])
+    if acc is not None:
+        grown[: acc.shape[0]] = acc
+    return grown
+
+
+def _flush(acc: torch.Tensor | None, dest: torch.Tensor, done: int, stop: int) -> None:
+    """Write the final gradient rows [done, stop) from ``acc`` (which starts at row ``done``) into dest (L, H, D)."""
+    if acc is not None and stop > done:
+        dest[done:stop] = acc[: stop - done]
+
+
+def _fold_windows(acc: torch.Tensor | None, grad: torch.Tensor, chunks: int, rows: int) -> None:
+    """Add per-chunk window gradients (chunks, H, span, D) onto acc (rows from the first window's start, H, D)."""
+    if chunks == 0:  # head call: its keys are rows [0, rows)
+        acc[: grad.shape[2]] += grad[0].transpose(0, 1)
+        return
+    span = grad.shape[2]
+    if span % rows == 0:  # windows overlap in whole chunks: one add per chunk offset
+        blocks = acc[: (chunks - 1) * rows + span].view(-1, rows, *acc.shape[1:])
+        for j in range(span // rows):
+            blocks[j: j + chunks] += grad[:, :, j * rows: (j + 1) * rows].transpose(1, 2)
+        return
+    for c in range(chunks):
+        acc[c * rows: c * rows + span] += grad[c].transpose(0, 1)
 
 
 # Query rows per group in the recomputing path: big enough that each sdpa call is efficient,

@@ -31,8 +31,8 @@ def _full_mask(key_mask, query_length, past_length, config, batch, device):
 
 
 def _local_mask(key_mask, query_length, past_length, config, batch, device):
-    if key_mask is None and query_length == 1:
-        return None  # decoding one unpadded token: the kernel's fast path needs no mask
+    if key_mask is None and (query_length == 1 or past_length == 0):
+        return None  # no padding and (one token or no cache): the kernel's fast paths need no mask
     cached = min(past_length, config.sliding_window - 1)  # what the window cache holds
     keys = key_mask[:, -(cached + query_length):] if key_mask is not None else None
     return build_local_block_mask(keys, query_length, cached, config.sliding_window, config.is_causal, batch, device)

@@ -134,6 +134,7 @@ class HfAttnAttention(nn.Module):
             cache_layer=cache_layer,
             position_ids=position_ids,
             implementation=impl,
+            scratch_output=True,  # out only feeds o_proj: its backward may reuse out's memory
         )  # out (B, L, H, D)
         return self.o_proj(out.reshape(b, length, -1)), weights
 

@@ -9,7 +9,7 @@ from shape_probe import ShapeProbe
 
 from hf_attn.attention_eager import eager_attention_forward
 from hf_attn.attention_local import SlidingWindowCacheLayer, local_attention_forward
-from hf_attn.modeling_hf_attn import HfAttnAttention
+from hf_attn.modeling_hf_attn import HfAttnAttention, HfAttnForCausalLM
 
 
 def dense_reference(q, k, v, key_mask, window, is_causal):
@@ -97,17 +97,104 @@ def test_recomputing_path_gradients_match_eager(monkeypatch, is_causal, length, 
         torch.testing.assert_close(grouped, eager, rtol=1e-5, atol=1e-5)
 
 
+def _saved_floats(out, name):
+    """Numel of the float tensors saved by the autograd node called ``name`` behind ``out``."""
+    node = out.grad_fn
+    while name not in type(node).__name__:
+        node = node.next_functions[0][0]
+    return sum(t.numel() for t in node.saved_tensors if t.dtype != torch.bool)
+
+
 def test_recomputing_path_keeps_memory_linear():
     """Saved tensors are q, k, v and the block mask: no padded or gathered (2x) key windows."""
     n, window = 512, 16
     q = torch.randn(1, 4, n, 8, requires_grad=True)
     k, v = torch.randn(1, 2, n, 8, requires_grad=True), torch.randn(1, 2, n, 8, requires_grad=True)
-    out, _ = local_attention_forward(module(window), q, k, v, None, 8**-0.5)
-    node = out.grad_fn  # the row slice, then the blocked function
-    while "BlockedLocalAttention" not in type(node).__name__:
-        node = node.next_functions[0][0]
-    floats = [t.numel() for t in node.saved_tensors if t.dtype != torch.bool]
-    assert sum(floats) == q.numel() + k.numel() + v.numel()  # q, k, v themselves: no padded or gathered copies
+    key_mask = torch.ones(1, n, dtype=torch.bool)
+    key_mask[0, :3] = False  # padding takes the recomputing path
+    out, _ = local_attention_forward(module(window), q, k, v, key_mask, 8**-0.5)
+    saved = _saved_floats(out, "BlockedLocalAttention")
+    assert saved == q.numel() + k.numel() + v.numel()  # q, k, v themselves: no padded or gathered copies
+
+
+# (length, window, chunk, group rows): heads only, exact chunks, a tail chunk, window not a multiple
+# of the chunk (per-chunk fold), one-row chunks, several groups
+BANDED_CASES = [(13, 16, 8, 16), (64, 16, 8, 16), (70, 16, 8, 24), (33, 16, 16, 16), (90, 12, 8, 16),
+                (200, 32, 16, 64), (9, 2, 2, 4), (5, 1, 1, 2)]
+
+
+@pytest.mark.parametrize("length,window,chunk,group", BANDED_CASES)
+@pytest.mark.parametrize("scratch", [False, True])
+def test_banded_path_matches_dense_reference(monkeypatch, length, window, chunk, group, scratch):
+    """No padding, no cache (training): the banded flash path's output and gradients equal dense
+    masked attention, for grouped-query heads and queries in the (B, H, L, D) transposed layout the
+    projections produce; with ``scratch_output`` the backward reuses the output's memory."""
+    import hf_attn.attention_local as local
+
+    monkeypatch.setattr(local, "_BAND_CHUNK", chunk)
+    monkeypatch.setattr(local, "_BAND_GROUP_ROWS", group)
+    torch.manual_seed(0)
+    q = torch.randn(2, length, 4, 8, dtype=torch.float64).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
+    k, v = (torch.randn(2, length, 2, 8, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    grad_out = torch.randn(2, length, 4, 8, dtype=torch.float64)
+    expected = dense_reference(q, k, v, None, window, True)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    mod = HfAttnAttention(tiny_config("local", sliding_window=window), layer_idx=0).train()
+    got, _ = local_attention_forward(mod, q, k, v, None, 8**-0.5, scratch_output=scratch)
+    assert "BandedLocalAttention" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    kept = grad_out.clone()
+    grads = torch.autograd.grad(got, (q, k, v), kept)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+    if not scratch:  # the caller's tensors are untouched unless it declared them scratch
+        torch.testing.assert_close(kept, grad_out, rtol=0, atol=0)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_banded_path_saves_no_windows_and_no_square():
+    """Saved: q, k, v, the output and (B, L, H) statistics; no (n, n) tensor in forward or backward."""
+    n, window = 256, 16
+    q = torch.randn(1, n, 4, 8).transpose(1, 2).requires_grad_(True)
+    k, v = (torch.randn(1, n, 4, 8).transpose(1, 2).requires_grad_(True) for _ in range(2))
+    with ShapeProbe() as probe:
+        out, _ = local_attention_forward(module(window, num_key_value_heads=4), q, k, v, None, 8**-0.5)
+        saved = _saved_floats(out, "BandedLocalAttention")
+        out.sum().backward()
+    assert not probe.has_square(n)
+    assert saved == 4 * q.numel() + n * 4  # q, k, v, out + one statistic per (row, head)
+
+
+def test_banded_path_retained_graph_backward_twice():
+    """With ``retain_graph=True`` nothing is reused: a second backward gives the same gradients."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 8).transpose(1, 2).requires_grad_(True) for _ in range(3))
+    out, _ = local_attention_forward(module(8, num_key_value_heads=2), q, k, v, None, 8**-0.5,
+                                     scratch_output=True)
+    grad = torch.randn(1, 40, 2, 8)
+    first = torch.autograd.grad(out, (q, k, v), grad.clone(), retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), grad.clone())
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_model_training_gradients_match_eager_path():
+    """Through the model (which declares the kernel output scratch), the banded path's parameter
+    gradients equal those of the explicit blocked ("eager") path."""
+    cfg = tiny_config("local", sliding_window=4)
+    torch.manual_seed(0)
+    x = torch.randint(1, 97, (2, 23))
+    grads = []
+    for implementation in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = HfAttnForCausalLM(cfg).train()
+        model.config._attn_implementation = implementation
+        model(x, labels=x).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("cached", [0, 2, 3, 9])
