@@ -15,8 +15,11 @@ The attention matrix ``phi(Q) phi(K)^T`` (masked to j <= i, rows normalised) has
 writes into k soft slots, each query reads them, like Linformer's k compressed positions but
 assigned by content, so a prefix is summarised without seeing the future. The prefix sums run in
 chunks of ``config.lowrank_chunk_size``: exact within a chunk, carried state across chunks, so time
-is O(n * k * D) and memory O(n * k + (n / chunk) * k * D). Generation keeps only (S, z): a constant
-(B, Hkv, k, D + 1) state per layer.
+is O(n * k * D). Without a cache (training, full-sequence inference) the chunks are streamed in
+blocks of rows by ``_StreamedCausalLowRank``, whose backward recomputes one block at a time: saved
+memory is q, k, v plus one (k, D + 1) state per block, and no step allocates an (n, k) buffer. With
+a cache (generation) all chunks run at once from the cached state. Generation keeps only (S, z): a
+constant (B, Hkv, k, D + 1) state per layer.
 Shapes: query (B, H, L, D); key, value (B, Hkv, L, D); output (B, L, H, D).
 Weights returned with ``output_attentions``: bidirectional -> (B, H, L, k) softmax over the k slots;
 causal -> ``None`` (the n x n matrix is never formed).
@@ -97,6 +100,13 @@ def _linformer(module, query, key, value, attention_mask, scaling, dropout, posi
 
 
 def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
+    if cache_layer is None:  # training and full-sequence inference
+        return _streamed_feature_map(module, query, key, value, attention_mask)
+    return _batched_feature_map(module, query, key, value, attention_mask, cache_layer)
+
+
+def _batched_feature_map(module, query, key, value, attention_mask, cache_layer):
+    """All chunks at once, reading and updating the generation state of ``cache_layer``."""
     out_dtype = query.dtype
     b, h, length, d = query.shape
     hkv = key.shape[1]
@@ -138,6 +148,138 @@ def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
 
     out = out.reshape(b, h, n_chunks * chunk, d)[:, :, :length]
     return out.transpose(1, 2).to(out_dtype).contiguous(), None
+
+
+# Rows per block of the streamed path (rounded to whole chunks): each block's feature maps,
+# chunk states and their gradients are a few MB, so no step allocates O(n * k) at once.
+_STREAM_ROWS = 512
+
+
+def _streamed_feature_map(module, query, key, value, attention_mask):
+    """Training path of the causal kernel: the same math as below, streamed over row blocks.
+
+    Autograd through the batched version keeps the (B, H, n, k) feature maps and every chunk's
+    (k, D + 1) state alive for the backward, several times the size of q, k and v at k = 256, and
+    allocating and freeing those large buffers each step costs page faults that grow faster than n.
+    ``_StreamedCausalLowRank`` saves only q, k, v and the state at each block start, and recomputes
+    one block at a time in the backward.
+    """
+    b, h, length, d = query.shape
+    g = h // key.shape[1]
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q, k, v = query.float(), key.float(), value.float()
+        if g > 1:  # features of a shared key are recomputed per query head: simple, exact
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        mask = attention_mask.float() if attention_mask is not None else None
+        chunk = min(module.config.lowrank_chunk_size, length)
+        out = _StreamedCausalLowRank.apply(q, k, v, module.feature_map.weight.float(), mask, chunk)
+    return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+def _block_forward(q, k, v, weight, mask, chunk, state):
+    """Causal feature-map attention of one row block that starts with prefix ``state`` (B, H, k, D + 1).
+
+    Returns the tensors the backward reuses: the features (fk before and after the padding mask),
+    values with the ones column, masked in-chunk scores, each chunk's starting state, the
+    unnormalised result y (B, H, chunks, C, D + 1) and the state after the block.
+    """
+    pad = -q.shape[2] % chunk
+    fq = torch.softmax(q @ weight.t(), dim=-1)  # (B, H, R, k)
+    fk_soft = torch.softmax(k @ weight.t(), dim=-1)
+    fk = fk_soft * mask[:, None, :, None] if mask is not None else fk_soft  # padding writes nothing
+    v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, R, D + 1)
+    if pad:  # zero rows at the end: no features, so they write nothing and are cut from the output
+        fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
+    b, h, padded, rank = fq.shape
+    n_chunks = padded // chunk
+    fq, fk, v1 = (t.view(b, h, n_chunks, chunk, t.shape[-1]) for t in (fq, fk, v1))
+    writes = fk.transpose(-1, -2) @ v1  # (B, H, nc, k, D + 1)
+    inclusive = writes.cumsum(2)
+    end_state = state + inclusive[:, :, -1]
+    # the state each chunk starts from: the block's start plus every earlier chunk's writes (a
+    # shifted scan, not inclusive - writes, which would cancel large terms in float32)
+    prefix = torch.cat([state[:, :, None], inclusive[:, :, :-1] + state[:, :, None]], dim=2)
+    scores = (fq @ fk.transpose(-1, -2)).tril_()  # (B, H, nc, C, C)
+    y = scores @ v1 + fq @ prefix
+    return (fq, fk_soft, fk, v1, scores, prefix, y), end_state
+
+
+def _normalise(y: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B, H, nc, C, D + 1) -> (B, H, rows, D): numerator over normaliser."""
+    b, h = y.shape[:2]
+    y = y.view(b, h, -1, y.shape[-1])[:, :, :rows]
+    return y[..., :-1] / (y[..., -1:] + _EPS)
+
+
+class _StreamedCausalLowRank(torch.autograd.Function):
+    """Causal feature-map attention over row blocks; the backward recomputes one block at a time.
+
+    Inputs: q, k, v (B, H, L, D) float32 (k, v already repeated to the query heads), weight (k, D),
+    mask (B, L) float or None, chunk. Output (B, H, L, D). Saved: q, k, v, weight, mask and the
+    (k, D + 1) state at the start of each block.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, weight, mask, chunk):
+        b, h, length, d = q.shape
+        rows = max(chunk, _STREAM_ROWS // chunk * chunk)
+        state = q.new_zeros(b, h, weight.shape[0], d + 1)
+        out = q.new_empty(b, h, length, d)
+        starts = []
+        for r0 in range(0, length, rows):
+            r1 = min(r0 + rows, length)
+            starts.append(state)
+            parts, state = _block_forward(q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1], weight,
+                                          mask[:, r0:r1] if mask is not None else None, chunk, state)
+            out[:, :, r0:r1] = _normalise(parts[-1], r1 - r0)
+        ctx.save_for_backward(q, k, v, weight, mask, torch.stack(starts))
+        ctx.args = (chunk, rows)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, weight, mask, starts = ctx.saved_tensors
+        chunk, rows = ctx.args
+        length = q.shape[2]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dweight = torch.zeros_like(weight)
+        carry = torch.zeros_like(starts[0])  # d loss / d (state after this block)
+        for index in reversed(range(starts.shape[0])):
+            r0 = index * rows
+            r1 = min(r0 + rows, length)
+            qb, kb, vb = q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1]
+            mb = mask[:, r0:r1] if mask is not None else None
+            (fq, fk_soft, fk, v1, scores, prefix, y), _ = _block_forward(qb, kb, vb, weight, mb, chunk, starts[index])
+            b, h, n_chunks, size, width = y.shape
+            # out = y[..., :D] / z, z = y[..., D] + eps
+            go = F.pad(grad_out[:, :, r0:r1], (0, 0, 0, n_chunks * size - (r1 - r0))).view(b, h, n_chunks, size, -1)
+            z = y[..., -1:] + _EPS
+            out = y[..., :-1] / z
+            dy = torch.cat([go / z, -(go * out).sum(-1, keepdim=True) / z], dim=-1)  # (B, H, nc, C, D + 1)
+            dscores = (dy @ v1.transpose(-1, -2)).tril_()
+            dfq = dscores @ fk + dy @ prefix.transpose(-1, -2)
+            dfk = dscores.transpose(-1, -2) @ fq
+            dv1 = scores.transpose(-1, -2) @ dy
+            dprefix = fq.transpose(-1, -2) @ dy  # (B, H, nc, k, D + 1)
+            # a chunk's write reaches every later chunk's prefix and the state after the block:
+            # a reversed exclusive scan (shifted, so no large term is added and subtracted)
+            later = dprefix.flip(2).cumsum(2).flip(2)  # sum over chunks >= c
+            dwrites = torch.cat([later[:, :, 1:], torch.zeros_like(later[:, :, :1])], dim=2) + carry[:, :, None]
+            carry = carry + later[:, :, 0]
+            dfk += v1 @ dwrites.transpose(-1, -2)
+            dv1 += fk @ dwrites
+            n = r1 - r0
+            dfq, dfk, dv1 = (t.view(b, h, -1, t.shape[-1])[:, :, :n] for t in (dfq, dfk, dv1))
+            fq = fq.view(b, h, -1, fq.shape[-1])[:, :, :n]
+            if mb is not None:
+                dfk = dfk * mb[:, None, :, None]
+            dv[:, :, r0:r1] = dv1[..., :-1]
+            for feats, dfeats, x, dx in ((fq, dfq, qb, dq), (fk_soft, dfk, kb, dk)):
+                dlogits = feats * (dfeats - (dfeats * feats).sum(-1, keepdim=True))  # softmax backward
+                dx[:, :, r0:r1] = dlogits @ weight
+                dweight += dlogits.reshape(-1, dlogits.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return dq, dk, dv, dweight, None, None
 
 
 class LowRankStateCacheLayer:
