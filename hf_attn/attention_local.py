@@ -195,12 +195,18 @@ def _banded_local_attention(query, key, value, window, scaling, scratch_output=F
 
 # Query rows per chunk of the banded path: each chunk attends to its own rows and the ``window``
 # rows before them (span = window + chunk keys, a fixed band mask shared by every chunk), so the
-# work is (window + chunk) / window of the exact band. Measured at w=256 on the 2-core CPU (fwd +
-# bwd, interleaved): 64 beat 32, 48, 96, 128 and 256 (the kernel loses efficiency below 64 rows).
-_BAND_CHUNK = 64
+# work is (window + chunk) / window of the exact band. The backward needs only each row's output
+# and log-sum-exp, so it may chunk differently from the forward. Measured at w=256 on the 2-core
+# CPU (n=16384, interleaved medians): forward 32 rows 43 ms (64: 49, 128: 56); backward 48-64 rows
+# 124 ms (32: 131, 128: 141); below that the kernel loses efficiency, above it the span grows.
+_BAND_CHUNK_FORWARD = 32
+_BAND_CHUNK_BACKWARD = 64
 # Query rows per call of the flash kernel in the banded path: bounds the backward's temporaries
 # (the gradient of each chunk's key window) to a few MB however long the sequence.
 _BAND_GROUP_ROWS = 512
+# The forward keeps no per-call gradients, so it takes bigger calls (fewer kernel launches); its
+# temporary is one call's output, well below the backward's peak.
+_BAND_GROUP_ROWS_FORWARD = 4096
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -215,7 +221,7 @@ def _band_bias(chunk: int, window: int, dtype: torch.dtype, device: torch.device
     return torch.zeros(chunk, window + chunk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))[None, None]
 
 
-def _band_calls(length: int, window: int, chunk: int):
+def _band_calls(length: int, window: int, chunk: int, group_rows: int):
     """The flash calls covering queries [0, length): (query start, chunks, rows per chunk).
 
     Queries [0, min(length, window)) see every earlier key: one plain causal call, ``chunks=0``.
@@ -223,7 +229,7 @@ def _band_calls(length: int, window: int, chunk: int):
     """
     head = min(length, window)
     calls = [(0, 0, head)]
-    per_group = max(1, _BAND_GROUP_ROWS // chunk)
+    per_group = max(1, group_rows // chunk)
     start = head
     while length - start >= chunk:
         chunks = min(per_group, (length - start) // chunk)
@@ -259,12 +265,12 @@ class _BandedLocalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window, scaling, scratch):
         b, length, h, _ = q.shape
-        chunk = min(window, _BAND_CHUNK)
+        chunk = min(window, _BAND_CHUNK_FORWARD)
         bias = _band_bias(chunk, window, q.dtype, q.device)
         out = q.new_empty(q.shape)  # (B, L, H, D) contiguous, whatever the strides of q
         lse = None
         for bi in range(b):
-            for start, chunks, rows in _band_calls(length, window, chunk):
+            for start, chunks, rows in _band_calls(length, window, chunk, _BAND_GROUP_ROWS_FORWARD):
                 qv = _band_views(q, bi, start, chunks, rows)
                 kv, vv = (_band_views(t, bi, start, chunks, rows, window) for t in (k, v))
                 mask = bias[:, :, :rows, : window + rows] if chunks else None
@@ -283,59 +289,39 @@ class _BandedLocalAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         window, scaling, scratch = ctx.args
         b, length, h, d = q.shape
-        chunk = min(window, _BAND_CHUNK)
+        chunk = min(window, _BAND_CHUNK_BACKWARD)
         bias = _band_bias(chunk, window, q.dtype, q.device)
         if grad_out.shape != q.shape or not grad_out.is_contiguous():
             grad_out = grad_out.contiguous()
         # Where the gradients go. Rows of grad_out and out are read only by the call that holds
         # their queries, so once a call is done its rows are free: when the caller does not keep
         # either (``scratch_output``) and the graph is not retained, dq takes grad_out's rows and
-        # dk the output's, which saves two (B, L, H, D) buffers at the backward's peak.
+        # dk accumulates in the output's, which saves two (B, L, H, D) buffers at the peak.
         reuse = scratch and not torch._C._autograd._get_current_graph_task_keep_graph()
         dq = grad_out if reuse else q.new_empty(q.shape)
-        dk = out.detach() if reuse else k.new_empty(k.shape)
-        dv = v.new_empty(v.shape)
+        dk = out.detach() if reuse else k.new_zeros(k.shape)
+        dv = v.new_zeros(v.shape)
         for bi in range(b):
-            done = 0  # key rows [0, done) hold their final gradient; [done, end) are in acc_k / acc_v
-            acc_k = acc_v = None
-            for start, chunks, rows in _band_calls(length, window, chunk):
+            for start, chunks, rows in _band_calls(length, window, chunk, _BAND_GROUP_ROWS):
                 views = [_band_views(t, bi, start, chunks, rows) for t in (grad_out, q, out)]
                 kv, vv = (_band_views(t, bi, start, chunks, rows, window) for t in (k, v))
                 stats = _band_views(lse[..., None], bi, start, chunks, rows)[..., 0]
                 mask = bias[:, :, :rows, : window + rows] if chunks else None
                 gq, gk, gv = _flash_cpu_backward(views[0], views[1], kv, vv, views[2], stats, 0.0, chunks == 0,
                                                  attn_mask=mask, scale=scaling)
-                first = start - window if chunks else 0  # first key row of this call
+                first = start - window if chunks else 0  # the first key row of this call
                 end = start + chunks * rows if chunks else rows
-                _flush(acc_k, dk[bi], done, first)  # rows before this call's keys are final
-                _flush(acc_v, dv[bi], done, first)
-                acc_k = _carry(None if acc_k is None else acc_k[first - done:], k[bi], first, end)
-                acc_v = _carry(None if acc_v is None else acc_v[first - done:], v[bi], first, end)
-                done = first
-                _band_views(dq, bi, start, chunks, rows).copy_(gq)  # after the call read grad_out
-                for acc, grad in ((acc_k, gk), (acc_v, gv)):
-                    _fold_windows(acc, grad, chunks, rows)
-            _flush(acc_k, dk[bi], done, length)
-            _flush(acc_v, dv[bi], done, length)
+                if reuse:  # this call's output rows are read: they start accumulating dk
+                    dk[bi, start:end].zero_()
+                _band_views(dq, bi, start, chunks, rows).copy_(gq)
+                _fold_windows(dk[bi, first:], gk, chunks, rows)
+                _fold_windows(dv[bi, first:], gv, chunks, rows)
         return dq, dk, dv, None, None, None
 
 
-def _carry(acc: torch.Tensor | None, like: torch.Tensor, done: int, end: int) -> torch.Tensor:
-    """The key-gradient accumulator for rows [done, end): the rows ``acc`` holds, then zeros."""
-    grown = like.new_zeros(end - done, *like.shape[1:])
-    if acc is not None:
-        grown[: acc.shape[0]] = acc
-    return grown
-
-
-def _flush(acc: torch.Tensor | None, dest: torch.Tensor, done: int, stop: int) -> None:
-    """Write the final gradient rows [done, stop) from ``acc`` (which starts at row ``done``) into dest (L, H, D)."""
-    if acc is not None and stop > done:
-        dest[done:stop] = acc[: stop - done]
-
-
-def _fold_windows(acc: torch.Tensor | None, grad: torch.Tensor, chunks: int, rows: int) -> None:
-    """Add per-chunk window gradients (chunks, H, span, D) onto acc (rows from the first window's start, H, D)."""
+def _fold_windows(acc: torch.Tensor, grad: torch.Tensor, chunks: int, rows: int) -> None:
+    """Add per-chunk key-window gradients (chunks, H, span, D) onto rows of acc (L', H, D) that start
+    at the first window's first row (chunk c's window starts ``c * rows`` later)."""
     if chunks == 0:  # head call: its keys are rows [0, rows)
         acc[: grad.shape[2]] += grad[0].transpose(0, 1)
         return

@@ -128,11 +128,14 @@ BANDED_CASES = [(13, 16, 8, 16), (64, 16, 8, 16), (70, 16, 8, 24), (33, 16, 16, 
 def test_banded_path_matches_dense_reference(monkeypatch, length, window, chunk, group, scratch):
     """No padding, no cache (training): the banded flash path's output and gradients equal dense
     masked attention, for grouped-query heads and queries in the (B, H, L, D) transposed layout the
-    projections produce; with ``scratch_output`` the backward reuses the output's memory."""
+    projections produce, with equal or different forward/backward chunks; with ``scratch_output``
+    the backward reuses the output's memory."""
     import hf_attn.attention_local as local
 
-    monkeypatch.setattr(local, "_BAND_CHUNK", chunk)
+    monkeypatch.setattr(local, "_BAND_CHUNK_FORWARD", chunk)
+    monkeypatch.setattr(local, "_BAND_CHUNK_BACKWARD", max(1, chunk // 2) if length % 2 else chunk)
     monkeypatch.setattr(local, "_BAND_GROUP_ROWS", group)
+    monkeypatch.setattr(local, "_BAND_GROUP_ROWS_FORWARD", 2 * group)
     torch.manual_seed(0)
     q = torch.randn(2, length, 4, 8, dtype=torch.float64).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
     k, v = (torch.randn(2, length, 2, 8, dtype=torch.float64).transpose(1, 2) for _ in range(2))
