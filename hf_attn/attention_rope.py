@@ -23,15 +23,52 @@ from torch import nn
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last axis."""
+    """(x1, x2) -> (-x2, x1) on the two halves of the last axis (the textbook form; see ``_Rotate``)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, H, L, D) and k (B, Hkv, L, D) with cos/sin (B, L, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, L, D)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    """Rotate q (B, H, L, D) and k (B, Hkv, L, D) with cos/sin (B, L, D) as ``HfAttnRotary`` builds
+    them (both halves of the last axis equal): ``x * cos + rotate_half(x) * sin``."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, L, D/2)
+    return _Rotate.apply(q, cos, sin), _Rotate.apply(k, cos, sin)
+
+
+class _Rotate(torch.autograd.Function):
+    """The rotation as two fused half-width passes, with no ``rotate_half`` copy and nothing saved
+    but the (shared) cos/sin tables; the backward is the rotation by the opposite angle.
+
+    Per half: ``out1 = x1 cos - x2 sin``, ``out2 = x2 cos + x1 sin``. The output keeps the strides of
+    x (the projections' (B, L, H, D) layout) and the dtype ``x * cos`` would have.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
+        _rotate_into(out, x, cos, sin, 1.0)
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad_x = torch.empty_like(grad)
+        _rotate_into(grad_x, grad, cos, sin, -1.0)
+        return grad_x.to(ctx.x_dtype), None, None
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
+    """out = x rotated by +angle (sign 1) or -angle (sign -1); cos/sin are the first halves."""
+    half = x.shape[-1] // 2
+    x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1)
+    out1.addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2)
+    out2.addcmul_(x1, sin, value=sign)
 
 
 class HfAttnRotary(nn.Module):

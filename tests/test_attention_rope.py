@@ -53,3 +53,27 @@ def test_rope_model_has_no_position_weights_and_runs_past_trained_length():
     with torch.no_grad():
         out = model(torch.randint(1, 97, (1, 300))).logits  # max_position_embeddings is 128
     assert torch.isfinite(out).all()
+
+
+def test_fused_rotation_matches_textbook_form_and_gradients():
+    """``apply_rotary``'s fused half-width passes equal ``x * cos + rotate_half(x) * sin``, values and
+    gradients, for the projections' transposed layout, grouped-query keys and mixed dtypes."""
+    from hf_attn.attention_rope import rotate_half
+
+    torch.manual_seed(0)
+    cos, sin = rotary()(torch.arange(7)[None].expand(2, 7), torch.float32)  # (B, L, D)
+    q = torch.randn(2, 7, 4, 8, dtype=torch.float64).transpose(1, 2).requires_grad_(True)  # (B, H, L, D) view
+    k = torch.randn(2, 7, 2, 8, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+    rq, rk = apply_rotary(q, k, cos, sin)
+    c, s = cos[:, None].double(), sin[:, None].double()
+    eq, ek = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+    torch.testing.assert_close(rq, eq, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(rk, ek, rtol=1e-7, atol=1e-7)
+    assert rq.stride() == q.stride()  # the (B, L, H, D) memory layout is kept
+    grads = torch.randn_like(rq), torch.randn_like(rk)
+    got = torch.autograd.grad((rq, rk), (q, k), grads)
+    expected = torch.autograd.grad((eq, ek), (q, k), grads)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-7)
+    bq = torch.randn(1, 4, 7, 8, dtype=torch.bfloat16)  # bf16 activations, float32 tables -> float32, as x * cos
+    assert apply_rotary(bq, bq, cos[:1], sin[:1])[0].dtype == torch.float32
