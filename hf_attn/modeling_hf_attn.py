@@ -55,7 +55,12 @@ class HfAttnRMSNorm(nn.Module):
 
 
 class HfAttnMLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer, 2020); gate and up projections fused into one matmul."""
+    """SwiGLU feed-forward (Shazeer, 2020); gate and up projections stored as one weight.
+
+    The forward runs two matmuls on the weight's halves (views) rather than one on the whole: the
+    halves of one fused output are strided, which made the activation, its backward and the
+    gradient ``cat`` cost ~4% of a CPU training step (profiled against Llama's separate projections).
+    """
 
     def __init__(self, config: HfAttnConfig) -> None:
         super().__init__()
@@ -64,8 +69,8 @@ class HfAttnMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, I) each
-        return self.down_proj(self.act_fn(gate) * up)
+        gate_weight, up_weight = self.gate_up_proj.weight.chunk(2, dim=0)  # (I, hidden) views
+        return self.down_proj(self.act_fn(F.linear(x, gate_weight)) * F.linear(x, up_weight))
 
 
 class HfAttnAttention(nn.Module):
