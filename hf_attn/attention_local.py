@@ -140,12 +140,7 @@ def local_attention_forward(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
     if implementation != "eager" and not (module.training and dropout > 0):
-        # Resolve autocast here, as sdpa would: the function's backward runs outside autocast and
-        # needs q, k, v in one dtype.
-        device_type = q.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        q, k, v = _in_kernel_dtype(q, k, v)
         out = _BlockedLocalAttention.apply(q, k, v, attention_mask, w, span_blocks, left, scaling)
         return out[:, :lq], None
 
@@ -186,11 +181,17 @@ def _banded_local_attention(query, key, value, window, scaling, scratch_output=F
     h, hkv = query.shape[1], key.shape[1]
     if h != hkv:  # the flash kernel takes equal head counts
         key, value = key.repeat_interleave(h // hkv, dim=1), value.repeat_interleave(h // hkv, dim=1)
-    device_type = query.device.type  # resolve autocast here, as sdpa would (see _BlockedLocalAttention)
-    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-             else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
-    q, k, v = (t.transpose(1, 2).to(dtype) for t in (query, key, value))  # (B, L, H, D) views
+    q, k, v = _in_kernel_dtype(*(t.transpose(1, 2) for t in (query, key, value)))  # (B, L, H, D) views
     return _BandedLocalAttention.apply(q, k, v, window, scaling, scratch_output)
+
+
+def _in_kernel_dtype(q, k, v):
+    """q, k, v in the one dtype sdpa would compute in (autocast's when enabled, else the promoted
+    dtype): resolved before the autograd functions, whose backward runs outside autocast."""
+    device_type = q.device.type
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 # Query rows per chunk of the banded path: each chunk attends to its own rows and the ``window``

@@ -17,8 +17,10 @@ assigned by content, so a prefix is summarised without seeing the future. The pr
 chunks of ``config.lowrank_chunk_size``: exact within a chunk, carried state across chunks, so time
 is O(n * k * D). Without a cache (training, full-sequence inference) the chunks are streamed in
 blocks of rows by ``_StreamedCausalLowRank``, whose backward recomputes one block at a time: saved
-memory is q, k, v plus one (k, D + 1) state per block, and no step allocates an (n, k) buffer. With
-a cache (generation) all chunks run at once from the cached state. Generation keeps only (S, z): a
+memory is q, k, v plus one (k, D + 1) state per block, and no step allocates an (n, k) buffer (the
+batched autograd version kept the (n, k) feature maps and every chunk state, several times the size
+of q, k and v at k = 256, and its page faults grew faster than n). With a cache (generation) the
+call's chunks run at once through the same block function, from the cached state. Generation keeps only (S, z): a
 constant (B, Hkv, k, D + 1) state per layer.
 Shapes: query (B, H, L, D); key, value (B, Hkv, L, D); output (B, L, H, D).
 Weights returned with ``output_attentions``: bidirectional -> (B, H, L, k) softmax over the k slots;
@@ -100,54 +102,19 @@ def _linformer(module, query, key, value, attention_mask, scaling, dropout, posi
 
 
 def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
-    if cache_layer is None:  # training and full-sequence inference
-        return _streamed_feature_map(module, query, key, value, attention_mask)
-    return _batched_feature_map(module, query, key, value, attention_mask, cache_layer)
-
-
-def _batched_feature_map(module, query, key, value, attention_mask, cache_layer):
-    """All chunks at once, reading and updating the generation state of ``cache_layer``."""
-    out_dtype = query.dtype
-    b, h, length, d = query.shape
-    hkv = key.shape[1]
-    g = h // hkv
-    chunk = min(module.config.lowrank_chunk_size, length)
-    n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length
-    # Prefix sums in low precision drift; do the whole kernel in float32 even under autocast.
+    # Prefix sums in low precision drift; the whole kernel runs in float32 even under autocast.
     with torch.autocast(device_type=query.device.type, enabled=False):
-        weight = module.feature_map.weight.float().t()  # (D, k)
-        fq = torch.softmax(query.float() @ weight, dim=-1)  # (B, H, L, k)
-        fk = torch.softmax(key.float() @ weight, dim=-1)  # (B, Hkv, L, k)
-        # A ones column rides along with the values, so each matmul below yields the numerator
-        # (first D channels) and the normaliser phi(q) . z (last channel) together.
-        v = F.pad(value.float(), (0, 1), value=1.0)  # (B, Hkv, L, D + 1)
-        if attention_mask is not None:
-            fk = fk * attention_mask[:, None, :, None].float()  # padding writes nothing
-        if pad:
-            fq, fk, v = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
-        rank = fk.shape[-1]
-        fq = fq.view(b, hkv, g, n_chunks, chunk, rank)
-        fk = fk.view(b, hkv, 1, n_chunks, chunk, rank)
-        v = v.view(b, hkv, 1, n_chunks, chunk, d + 1)
-
-        chunk_state = fk.transpose(-1, -2) @ v  # (B, Hkv, 1, nc, k, D + 1): what each chunk writes
-        inclusive = chunk_state.cumsum(3)
-        before = inclusive - chunk_state  # state at the start of each chunk
-        past = cache_layer.state if cache_layer is not None else None
-        if past is not None:
-            before = before + past[:, :, None, None]
-
-        scores = (fq @ fk.transpose(-1, -2)).tril()  # (B, Hkv, g, nc, C, C), exact inside a chunk
-        out = scores @ v + fq @ before  # (B, Hkv, g, nc, C, D + 1)
-        out = out[..., :d] / (out[..., d:] + _EPS)
-
-        if cache_layer is not None:
-            total = inclusive[:, :, 0, -1]  # (B, Hkv, k, D + 1)
-            cache_layer.state = total + past if past is not None else total
-
-    out = out.reshape(b, h, n_chunks * chunk, d)[:, :, :length]
-    return out.transpose(1, 2).to(out_dtype).contiguous(), None
+        q, k, v, weight, mask, chunk, g = _float_inputs(module, query, key, value, attention_mask)
+        if cache_layer is None:  # training and full-sequence inference: streamed, O(block) memory
+            out = _StreamedCausalLowRank.apply(q, k, v, weight, mask, chunk)
+        else:  # generation: this call's chunks at once, from and back into the cached state
+            b, h, _, d = q.shape
+            past = cache_layer.state
+            state = past.repeat_interleave(g, dim=1) if past is not None else q.new_zeros(b, h, weight.shape[0], d + 1)
+            parts, end_state = _block_forward(q, k, v, weight, mask, chunk, state)
+            cache_layer.state = end_state[:, ::g].contiguous()  # the g heads of a group hold one state
+            out = _normalise(parts[-1], q.shape[2])
+    return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
 
 # Rows per block of the streamed path (rounded to whole chunks): each block's feature maps,
@@ -155,25 +122,17 @@ def _batched_feature_map(module, query, key, value, attention_mask, cache_layer)
 _STREAM_ROWS = 512
 
 
-def _streamed_feature_map(module, query, key, value, attention_mask):
-    """Training path of the causal kernel: the same math as below, streamed over row blocks.
-
-    Autograd through the batched version keeps the (B, H, n, k) feature maps and every chunk's
-    (k, D + 1) state alive for the backward, several times the size of q, k and v at k = 256, and
-    allocating and freeing those large buffers each step costs page faults that grow faster than n.
-    ``_StreamedCausalLowRank`` saves only q, k, v and the state at each block start, and recomputes
-    one block at a time in the backward.
-    """
-    b, h, length, d = query.shape
-    g = h // key.shape[1]
-    with torch.autocast(device_type=query.device.type, enabled=False):
-        q, k, v = query.float(), key.float(), value.float()
-        if g > 1:  # features of a shared key are recomputed per query head: simple, exact
-            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        mask = attention_mask.float() if attention_mask is not None else None
-        chunk = min(module.config.lowrank_chunk_size, length)
-        out = _StreamedCausalLowRank.apply(q, k, v, module.feature_map.weight.float(), mask, chunk)
-    return out.transpose(1, 2).to(query.dtype).contiguous(), None
+def _float_inputs(module, query, key, value, attention_mask):
+    """float32 q (B, H, L, D), k and v repeated to the query heads, feature weight (k, D), float
+    padding mask or None, chunk length and group size g = H / Hkv (features of a shared key are
+    recomputed per query head: simple and exact)."""
+    g = query.shape[1] // key.shape[1]
+    q, k, v = query.float(), key.float(), value.float()
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    mask = attention_mask.float() if attention_mask is not None else None
+    chunk = min(module.config.lowrank_chunk_size, query.shape[2])
+    return q, k, v, module.feature_map.weight.float(), mask, chunk, g
 
 
 def _block_forward(q, k, v, weight, mask, chunk, state):

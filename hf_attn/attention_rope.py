@@ -2,8 +2,9 @@
 
 Paper: Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding" (2021).
 Math: rotate each pair of query/key channels (x1, x2) by angle ``p * theta^(-2i/D)``:
-``rot(x) = x * cos + rotate_half(x) * sin``; then ``rot(q_m) . rot(k_n)`` depends only on m - n, so
-full attention with rope is invariant to shifting all positions. The attention math itself is the
+``rot(x) = x * cos + rotate_half(x) * sin`` with ``rotate_half(x1, x2) = (-x2, x1)``; then
+``rot(q_m) . rot(k_n)`` depends only on m - n, so full attention with rope is invariant to shifting
+all positions. The attention math itself is the
 full softmax kernel of ``attention_eager``; this file only supplies positions.
 Scaling for contexts longer than trained (``config.rope_scaling``):
 - ``linear`` (Chen et al., "Position Interpolation", 2023): positions divided by ``factor``;
@@ -20,12 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last axis (the textbook form; see ``_Rotate``)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,9 @@ def test_rope_model_has_no_position_weights_and_runs_past_trained_length():
 def test_fused_rotation_matches_textbook_form_and_gradients():
     """``apply_rotary``'s fused half-width passes equal ``x * cos + rotate_half(x) * sin``, values and
     gradients, for the projections' transposed layout, grouped-query keys and mixed dtypes."""
-    from hf_attn.attention_rope import rotate_half
+    def rotate_half(x):  # the textbook (x1, x2) -> (-x2, x1), as Llama writes it
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
 
     torch.manual_seed(0)
     cos, sin = rotary()(torch.arange(7)[None].expand(2, 7), torch.float32)  # (B, L, D)
