@@ -197,9 +197,9 @@ def _in_kernel_dtype(q, k, v):
 # Query rows per chunk of the banded path: each chunk attends to its own rows and the ``window``
 # rows before them (span = window + chunk keys, a fixed band mask shared by every chunk), so the
 # work is (window + chunk) / window of the exact band. The backward needs only each row's output
-# and log-sum-exp, so it may chunk differently from the forward. Measured at w=256 on the 2-core
-# CPU (n=16384, interleaved medians): forward 32 rows 43 ms (64: 49, 128: 56); backward 48-64 rows
-# 124 ms (32: 131, 128: 141); below that the kernel loses efficiency, above it the span grows.
+# and log-sum-exp, so it may chunk differently from the forward. Chosen by timing w=256, n=16384 on
+# the 2-core CPU: the forward was fastest at 32 rows, the backward at 48-64; below that the kernel
+# loses efficiency, above it the span grows.
 _BAND_CHUNK_FORWARD = 32
 _BAND_CHUNK_BACKWARD = 64
 # Query rows per call of the flash kernel in the banded path: bounds the backward's temporaries

@@ -58,8 +58,8 @@ class HfAttnMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer, 2020); gate and up projections stored as one weight.
 
     The forward runs two matmuls on the weight's halves (views) rather than one on the whole: the
-    halves of one fused output are strided, which made the activation, its backward and the
-    gradient ``cat`` cost ~4% of a CPU training step (profiled against Llama's separate projections).
+    halves of one fused output are strided, which made the activation and its backward slower and
+    the backward needed a gradient ``cat`` (profiled against Llama's separate projections).
     """
 
     def __init__(self, config: HfAttnConfig) -> None:
