@@ -9,19 +9,25 @@ shift the projection, and padding tokens are zeroed before projecting. Cost O(n 
 Causal (the default): plain Linformer mixes future tokens into every slot, so a causal LM cannot use
 it. We factorise the attention matrix through a non-negative rank-k feature map instead
 (Katharopoulos et al., "Transformers are RNNs", 2020; Choromanski et al., "Performer", 2021):
-``phi(x) = softmax(x W)`` with learned W (D, k), and
 ``out_i = phi(q_i) S_i / (phi(q_i) . z_i)``, ``S_i = sum_{j<=i} phi(k_j) v_j^T``, ``z_i = sum_{j<=i} phi(k_j)``.
 The attention matrix ``phi(Q) phi(K)^T`` (masked to j <= i, rows normalised) has rank <= k: each key
 writes into k soft slots, each query reads them, like Linformer's k compressed positions but
-assigned by content, so a prefix is summarised without seeing the future. The prefix sums run in
-chunks of ``config.lowrank_chunk_size``: exact within a chunk, carried state across chunks, so time
-is O(n * k * D). Without a cache (training, full-sequence inference) the chunks are streamed in
-blocks of rows by ``_StreamedCausalLowRank``, whose backward recomputes one block at a time: saved
-memory is q, k, v plus one (k, D + 1) state per block, and no step allocates an (n, k) buffer (the
-batched autograd version kept the (n, k) feature maps and every chunk state, several times the size
-of q, k and v at k = 256, and its page faults grew faster than n). With a cache (generation) the
-call's chunks run at once through the same block function, from the cached state. Generation keeps only (S, z): a
-constant (B, Hkv, k, D + 1) state per layer.
+assigned by content, so a prefix is summarised without seeing the future.
+``config.lowrank_feature_map`` picks phi, a distribution over the k slots:
+``"softmax"``: ``phi(x) = softmax(x W)`` with learned W (D, k);
+``"product"``: the slots form an m1 x m2 grid (k = m1 * m2, 16 x 16 for k = 256) and
+``phi(x) = softmax(x W1) (outer) softmax(x W2)`` with W1 (D, m1), W2 (D, m2), as in product-key
+memories (Lample et al., "Large Memory Layers with Product Keys", 2019). The product map costs
+2 D (m1 + m2) per token instead of 2 D k, and a query-key score factorises,
+``phi(q).phi(k) = (a_q.a_k)(b_q.b_k)``, so the in-chunk scores cost C (m1 + m2) instead of C k.
+The rank bound is the same; each token's distribution is less free (a product of two).
+The prefix sums run in chunks of ``config.lowrank_chunk_size``: exact within a chunk, carried
+state across chunks, so time is O(n * k * D). Without a past state (training, full-sequence
+inference, a prompt) the chunks are streamed in blocks of rows by ``_StreamedCausalLowRank``, whose
+backward recomputes one block's features and chunk states at a time: saved memory is q, k, v, the
+output and its normaliser plus one (k, D + 1) state per block, and no step allocates an (n, k)
+buffer. Generation steps after the prompt run their chunks at once through the same block code,
+from the cached state. Generation keeps only (S, z): a constant (B, Hkv, k, D + 1) state per layer.
 Shapes: query (B, H, L, D); key, value (B, Hkv, L, D); output (B, L, H, D).
 Weights returned with ``output_attentions``: bidirectional -> (B, H, L, k) softmax over the k slots;
 causal -> ``None`` (the n x n matrix is never formed).
@@ -47,7 +53,7 @@ _EPS = 1e-6
 def init_lowrank_module(module: nn.Module, config) -> None:
     """Add the mode's parameters to an attention module."""
     if config.is_causal:
-        module.feature_map = nn.Linear(config.head_dim, config.lowrank_dim, bias=False)
+        module.feature_map = nn.Linear(config.head_dim, sum(feature_factors(config)), bias=False)
     else:
         shape, std = (config.lowrank_dim, config.max_position_embeddings), linformer_init_std(config)
         module.linformer_e = nn.Parameter(torch.randn(shape) * std)
@@ -105,15 +111,15 @@ def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
     # Prefix sums in low precision drift; the whole kernel runs in float32 even under autocast.
     with torch.autocast(device_type=query.device.type, enabled=False):
         q, k, v, weight, mask, chunk, g = _float_inputs(module, query, key, value, attention_mask)
-        if cache_layer is None:  # training and full-sequence inference: streamed, O(block) memory
-            out = _StreamedCausalLowRank.apply(q, k, v, weight, mask, chunk)
-        else:  # generation: this call's chunks at once, from and back into the cached state
-            b, h, _, d = q.shape
-            past = cache_layer.state
-            state = past.repeat_interleave(g, dim=1) if past is not None else q.new_zeros(b, h, weight.shape[0], d + 1)
-            parts, end_state = _block_forward(q, k, v, weight, mask, chunk, state)
+        sizes = feature_factors(module.config)
+        past = cache_layer.state if cache_layer is not None else None
+        if past is None:  # training, full-sequence inference, a prompt: streamed, O(block) memory
+            out, end_state = _StreamedCausalLowRank.apply(q, k, v, weight, mask, chunk, sizes)
+        else:  # generation: this call's chunks at once, from the cached state
+            block, end_state = _block(q, k, v, weight, sizes, mask, chunk, past.repeat_interleave(g, dim=1))
+            out, _ = _normalise(block.y(), q.shape[2])
+        if cache_layer is not None:
             cache_layer.state = end_state[:, ::g].contiguous()  # the g heads of a group hold one state
-            out = _normalise(parts[-1], q.shape[2])
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
 
@@ -122,10 +128,26 @@ def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
 _STREAM_ROWS = 512
 
 
+def feature_factors(config) -> tuple[int, ...]:
+    """Sizes of the softmax factors whose outer product is the k-slot feature map: ``(k,)`` for
+    ``lowrank_feature_map="softmax"``, ``(m1, m2)`` with ``m1 * m2 = k`` and ``m1 <= m2`` as close
+    as possible for ``"product"`` (16 x 16 for k = 256)."""
+    rank = config.lowrank_dim
+    if config.lowrank_feature_map == "softmax":
+        return (rank,)
+    m1 = max(m for m in range(1, math.isqrt(rank) + 1) if rank % m == 0)
+    return (m1, rank // m1)
+
+
+def k_slots(sizes: tuple[int, ...]) -> int:
+    """k, the number of slots (feature dimension) of factors of these sizes."""
+    return math.prod(sizes)
+
+
 def _float_inputs(module, query, key, value, attention_mask):
-    """float32 q (B, H, L, D), k and v repeated to the query heads, feature weight (k, D), float
-    padding mask or None, chunk length and group size g = H / Hkv (features of a shared key are
-    recomputed per query head: simple and exact)."""
+    """float32 q (B, H, L, D), k and v repeated to the query heads, feature weight (sum of factor
+    sizes, D), float padding mask or None, chunk length and group size g = H / Hkv (features of a
+    shared key are recomputed per query head: simple and exact)."""
     g = query.shape[1] // key.shape[1]
     q, k, v = query.float(), key.float(), value.float()
     if g > 1:
@@ -135,71 +157,143 @@ def _float_inputs(module, query, key, value, attention_mask):
     return q, k, v, module.feature_map.weight.float(), mask, chunk, g
 
 
-def _block_forward(q, k, v, weight, mask, chunk, state):
-    """Causal feature-map attention of one row block that starts with prefix ``state`` (B, H, k, D + 1).
-
-    Returns the tensors the backward reuses: the features (fk before and after the padding mask),
-    values with the ones column, masked in-chunk scores, each chunk's starting state, the
-    unnormalised result y (B, H, chunks, C, D + 1) and the state after the block.
-    """
-    pad = -q.shape[2] % chunk
-    fq = torch.softmax(q @ weight.t(), dim=-1)  # (B, H, R, k)
-    fk_soft = torch.softmax(k @ weight.t(), dim=-1)
-    fk = fk_soft * mask[:, None, :, None] if mask is not None else fk_soft  # padding writes nothing
-    v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, R, D + 1)
-    if pad:  # zero rows at the end: no features, so they write nothing and are cut from the output
-        fq, fk, v1 = (F.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v1))
-    b, h, padded, rank = fq.shape
-    n_chunks = padded // chunk
-    fq, fk, v1 = (t.view(b, h, n_chunks, chunk, t.shape[-1]) for t in (fq, fk, v1))
-    writes = fk.transpose(-1, -2) @ v1  # (B, H, nc, k, D + 1)
-    inclusive = writes.cumsum(2)
-    end_state = state + inclusive[:, :, -1]
-    # the state each chunk starts from: the block's start plus every earlier chunk's writes (a
-    # shifted scan, not inclusive - writes, which would cancel large terms in float32)
-    prefix = torch.cat([state[:, :, None], inclusive[:, :, :-1] + state[:, :, None]], dim=2)
-    scores = (fq @ fk.transpose(-1, -2)).tril_()  # (B, H, nc, C, C)
-    y = scores @ v1 + fq @ prefix
-    return (fq, fk_soft, fk, v1, scores, prefix, y), end_state
+def _factor_softmax(x, weight, sizes):
+    """One softmax per factor of the logits ``x W^T``: a list of (..., m_f)."""
+    return [torch.softmax(part, dim=-1) for part in (x @ weight.t()).split(sizes, dim=-1)]
 
 
-def _normalise(y: torch.Tensor, rows: int) -> torch.Tensor:
-    """(B, H, nc, C, D + 1) -> (B, H, rows, D): numerator over normaliser."""
+def _outer(factors):
+    """The k-slot features: the outer product of the factors, flattened (a product of
+    distributions, so non-negative and summing to 1 like a single softmax)."""
+    if len(factors) == 1:
+        return factors[0]
+    a, b = factors
+    return (a[..., :, None] * b[..., None, :]).flatten(-2)
+
+
+def _chunks(t, rows, chunk):
+    """(B, H, R, c) -> (B, H, chunks, C, c), zero rows appended up to whole chunks."""
+    pad = -rows % chunk
+    if pad:
+        t = F.pad(t, (0, 0, 0, pad))
+    return t.view(t.shape[0], t.shape[1], -1, chunk, t.shape[-1])
+
+
+class _Block:
+    """One row block's tensors, in chunks (B, H, nc, C, .): query and key factors (keys' first
+    factor zeroed at padding, so a padded key writes nothing), their k-slot features, the values
+    with a ones column, the in-chunk score factors and their masked product, and the state each
+    chunk starts from."""
+
+    def __init__(self, q, k, v, weight, sizes, mask, chunk, state):
+        rows = q.shape[2]
+        self.qf_soft = _factor_softmax(q, weight, sizes)  # (B, H, R, m_f) each
+        self.kf_soft = _factor_softmax(k, weight, sizes)
+        kf = list(self.kf_soft)
+        if mask is not None:
+            kf[0] = kf[0] * mask[:, None, :, None]
+        self.qf = [_chunks(t, rows, chunk) for t in self.qf_soft]
+        self.kf = [_chunks(t, rows, chunk) for t in kf]
+        self.fq, self.fk = _outer(self.qf), _outer(self.kf)  # (B, H, nc, C, k)
+        self.v1 = _chunks(F.pad(v, (0, 1), value=1.0), rows, chunk)  # (B, H, nc, C, D + 1)
+        writes = self.fk.transpose(-1, -2) @ self.v1  # (B, H, nc, k, D + 1)
+        # the state each chunk starts from: the block's start plus every earlier chunk's writes
+        self.prefix = _running_sum(state, writes)
+        self.end_state = self.prefix[:, :, -1] + writes[:, :, -1]
+        # in-chunk scores phi(q_i) . phi(k_j) = prod_f (a_f(q_i) . a_f(k_j)): C x C per factor,
+        # never the C x k features (the product map's saving)
+        self.factor_scores = [a @ b.transpose(-1, -2) for a, b in zip(self.qf, self.kf)]
+        self.scores = math.prod(self.factor_scores[1:], start=self.factor_scores[0]).tril()
+
+    def y(self):
+        """Unnormalised result (B, H, nc, C, D + 1): in-chunk part plus the read of the prefix."""
+        return self.scores @ self.v1 + self.fq @ self.prefix
+
+
+def _block(q, k, v, weight, sizes, mask, chunk, state):
+    """Causal feature-map attention of one row block starting from prefix ``state`` (B, H, k, D + 1)."""
+    block = _Block(q, k, v, weight, sizes, mask, chunk, state)
+    return block, block.end_state
+
+
+def _running_sum(start, terms, reverse=False):
+    """Exclusive running sum over the chunk axis: ``out[:, :, c] = start + terms[:, :, :c].sum(2)``
+    (with ``reverse``, over the chunks after c), added chunk by chunk into one buffer. A block has
+    few chunks, so this beats cumsum + cat, and it never subtracts (inclusive - own would cancel
+    large terms in float32)."""
+    out = torch.empty_like(terms)
+    order = range(terms.shape[2] - 2, -1, -1) if reverse else range(1, terms.shape[2])
+    step = -1 if reverse else 1
+    out[:, :, order.start - step] = start
+    tracked = torch.is_grad_enabled() and (start.requires_grad or terms.requires_grad)
+    for c in order:  # out[c] = out[c - step] + terms[c - step]
+        if tracked:  # generation under autograd: differentiable in-place writes
+            out[:, :, c] = out[:, :, c - step] + terms[:, :, c - step]
+        else:
+            torch.add(out[:, :, c - step], terms[:, :, c - step], out=out[:, :, c])
+    return out
+
+
+def _normalise(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, nc, C, D + 1) -> numerator over normaliser (B, H, rows, D), normaliser (B, H, rows)."""
     b, h = y.shape[:2]
     y = y.view(b, h, -1, y.shape[-1])[:, :, :rows]
-    return y[..., :-1] / (y[..., -1:] + _EPS)
+    z = y[..., -1] + _EPS
+    return y[..., :-1] / z[..., None], z
+
+
+def _factor_grads(dfeatures, factors):
+    """Gradient of the flattened outer product w.r.t. each factor."""
+    if len(factors) == 1:
+        return [dfeatures]
+    a, b = factors
+    d = dfeatures.unflatten(-1, (a.shape[-1], b.shape[-1]))
+    return [(d * b[..., None, :]).sum(-1), (d * a[..., :, None]).sum(-2)]
+
+
+def _softmax_backward(factors, dfactors, rows):
+    """d logits (B, H, rows, sum of m_f) from each factor's softmax (B, H, rows, m_f) and its
+    gradient in chunks (B, H, nc, C, m_f)."""
+    parts = []
+    for a, da in zip(factors, dfactors):
+        da = da.flatten(2, 3)[:, :, :rows]
+        parts.append(a * (da - (da * a).sum(-1, keepdim=True)))
+    return torch.cat(parts, dim=-1)
 
 
 class _StreamedCausalLowRank(torch.autograd.Function):
     """Causal feature-map attention over row blocks; the backward recomputes one block at a time.
 
-    Inputs: q, k, v (B, H, L, D) float32 (k, v already repeated to the query heads), weight (k, D),
-    mask (B, L) float or None, chunk. Output (B, H, L, D). Saved: q, k, v, weight, mask and the
-    (k, D + 1) state at the start of each block.
+    Inputs: q, k, v (B, H, L, D) float32 (k, v already repeated to the query heads), weight
+    (sum of factor sizes, D), mask (B, L) float or None, chunk, factor sizes. Outputs: (B, H, L, D)
+    and the state after the last row (B, H, k, D + 1), for a generation cache (not differentiable).
+    Saved: q, k, v, weight, mask, the output and its normaliser (B, H, L), and the (k, D + 1)
+    state at the start of each block.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, weight, mask, chunk):
+    def forward(ctx, q, k, v, weight, mask, chunk, sizes):
         b, h, length, d = q.shape
         rows = max(chunk, _STREAM_ROWS // chunk * chunk)
-        state = q.new_zeros(b, h, weight.shape[0], d + 1)
-        out = q.new_empty(b, h, length, d)
+        state = q.new_zeros(b, h, k_slots(sizes), d + 1)
+        out, z = q.new_empty(b, h, length, d), q.new_empty(b, h, length)
         starts = []
         for r0 in range(0, length, rows):
             r1 = min(r0 + rows, length)
             starts.append(state)
-            parts, state = _block_forward(q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1], weight,
-                                          mask[:, r0:r1] if mask is not None else None, chunk, state)
-            out[:, :, r0:r1] = _normalise(parts[-1], r1 - r0)
-        ctx.save_for_backward(q, k, v, weight, mask, torch.stack(starts))
-        ctx.args = (chunk, rows)
-        return out
+            block, state = _block(q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1], weight, sizes,
+                                  mask[:, r0:r1] if mask is not None else None, chunk, state)
+            out[:, :, r0:r1], z[:, :, r0:r1] = _normalise(block.y(), r1 - r0)
+        ctx.save_for_backward(q, k, v, weight, mask, out, z, torch.stack(starts))
+        ctx.args = (chunk, rows, sizes)
+        ctx.mark_non_differentiable(state)  # the cache's copy: later calls do not backpropagate into it
+        return out, state
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, weight, mask, starts = ctx.saved_tensors
-        chunk, rows = ctx.args
+    def backward(ctx, grad_out, _grad_state):
+        q, k, v, weight, mask, out, z, starts = ctx.saved_tensors
+        chunk, rows, sizes = ctx.args
         length = q.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dweight = torch.zeros_like(weight)
@@ -207,38 +301,37 @@ class _StreamedCausalLowRank(torch.autograd.Function):
         for index in reversed(range(starts.shape[0])):
             r0 = index * rows
             r1 = min(r0 + rows, length)
+            n = r1 - r0
             qb, kb, vb = q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1]
             mb = mask[:, r0:r1] if mask is not None else None
-            (fq, fk_soft, fk, v1, scores, prefix, y), _ = _block_forward(qb, kb, vb, weight, mb, chunk, starts[index])
-            b, h, n_chunks, size, width = y.shape
-            # out = y[..., :D] / z, z = y[..., D] + eps
-            go = F.pad(grad_out[:, :, r0:r1], (0, 0, 0, n_chunks * size - (r1 - r0))).view(b, h, n_chunks, size, -1)
-            z = y[..., -1:] + _EPS
-            out = y[..., :-1] / z
-            dy = torch.cat([go / z, -(go * out).sum(-1, keepdim=True) / z], dim=-1)  # (B, H, nc, C, D + 1)
-            dscores = (dy @ v1.transpose(-1, -2)).tril_()
-            dfq = dscores @ fk + dy @ prefix.transpose(-1, -2)
-            dfk = dscores.transpose(-1, -2) @ fq
-            dv1 = scores.transpose(-1, -2) @ dy
-            dprefix = fq.transpose(-1, -2) @ dy  # (B, H, nc, k, D + 1)
+            blk, _ = _block(qb, kb, vb, weight, sizes, mb, chunk, starts[index])
+            # out = y[..., :D] / z with z = y[..., D] + eps, so dy = (go / z, -(go . out) / z)
+            go, zb = grad_out[:, :, r0:r1], z[:, :, r0:r1, None]
+            dy = _chunks(torch.cat([go / zb, -(go * out[:, :, r0:r1]).sum(-1, keepdim=True) / zb], dim=-1), n, chunk)
+            dscores = (dy @ blk.v1.transpose(-1, -2)).tril_()
+            dv1 = blk.scores.transpose(-1, -2) @ dy
+            dprefix = blk.fq.transpose(-1, -2) @ dy  # (B, H, nc, k, D + 1)
             # a chunk's write reaches every later chunk's prefix and the state after the block:
-            # a reversed exclusive scan (shifted, so no large term is added and subtracted)
-            later = dprefix.flip(2).cumsum(2).flip(2)  # sum over chunks >= c
-            dwrites = torch.cat([later[:, :, 1:], torch.zeros_like(later[:, :, :1])], dim=2) + carry[:, :, None]
-            carry = carry + later[:, :, 0]
-            dfk += v1 @ dwrites.transpose(-1, -2)
-            dv1 += fk @ dwrites
-            n = r1 - r0
-            dfq, dfk, dv1 = (t.view(b, h, -1, t.shape[-1])[:, :, :n] for t in (dfq, dfk, dv1))
-            fq = fq.view(b, h, -1, fq.shape[-1])[:, :, :n]
+            # dwrites[c] = carry + sum of dprefix over the chunks after c, a reversed running sum
+            dwrites = _running_sum(carry, dprefix, reverse=True)
+            carry = dwrites[:, :, 0] + dprefix[:, :, 0]
+            dv1 += blk.fk @ dwrites
+            # through the reads of the prefix and the writes into it, then the in-chunk scores
+            dqf = _factor_grads(dy @ blk.prefix.transpose(-1, -2), blk.qf)
+            dkf = _factor_grads(blk.v1 @ dwrites.transpose(-1, -2), blk.kf)
+            for f, (aq, ak) in enumerate(zip(blk.qf, blk.kf)):
+                others = [s for g, s in enumerate(blk.factor_scores) if g != f]
+                dsf = dscores * math.prod(others[1:], start=others[0]) if others else dscores
+                dqf[f] = dqf[f] + dsf @ ak
+                dkf[f] = dkf[f] + dsf.transpose(-1, -2) @ aq
+            dv[:, :, r0:r1] = dv1.flatten(2, 3)[:, :, :n, :-1]
             if mb is not None:
-                dfk = dfk * mb[:, None, :, None]
-            dv[:, :, r0:r1] = dv1[..., :-1]
-            for feats, dfeats, x, dx in ((fq, dfq, qb, dq), (fk_soft, dfk, kb, dk)):
-                dlogits = feats * (dfeats - (dfeats * feats).sum(-1, keepdim=True))  # softmax backward
+                dkf[0] = dkf[0] * _chunks(mb[:, None, :, None], n, chunk)
+            for feats, dfeats, x, dx in ((blk.qf_soft, dqf, qb, dq), (blk.kf_soft, dkf, kb, dk)):
+                dlogits = _softmax_backward(feats, dfeats, n)
                 dx[:, :, r0:r1] = dlogits @ weight
                 dweight += dlogits.reshape(-1, dlogits.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        return dq, dk, dv, dweight, None, None
+        return dq, dk, dv, dweight, None, None, None
 
 
 class LowRankStateCacheLayer:

@@ -14,13 +14,14 @@ from transformers import GenerationConfig, PretrainedConfig
 
 # Version of the config format this code writes; a config written by a newer hf_attn may carry
 # fields this code does not know, and loading it raises instead of silently ignoring them.
-HF_ATTN_VERSION = "0.1.0"
+HF_ATTN_VERSION = "0.2.0"
 
 # The single source of truth for the modes; the registry test checks this equals the registry keys.
 ATTENTION_MODES = ("eager", "local", "lowrank", "rope")
 POSITION_EMBEDDING_TYPES = ("absolute", "rope")
 ROPE_TYPES = ("default", "linear", "dynamic")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_new", "relu")
+LOWRANK_FEATURE_MAPS = ("product", "softmax")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -83,7 +84,12 @@ class HfAttnConfig(PretrainedConfig):
             tokens (both sides when bidirectional).
         lowrank_dim: ``lowrank`` mode: the rank ``k`` (feature dimension / Linformer projection size).
         lowrank_chunk_size: ``lowrank`` causal mode: chunk length of the blocked prefix-sum computation
-            (a speed knob; the result does not depend on it; 128 was fastest for k=256 on our CPU).
+            (a speed knob; the result does not depend on it).
+        lowrank_feature_map: ``lowrank`` causal mode: how a query or key is spread over the k slots.
+            ``"product"`` (default): the outer product of two softmaxes of sizes m1 x m2 = k (16 x 16
+            for k = 256); ``"softmax"``: one softmax over all k slots (a D x k projection, several
+            times the arithmetic). ``None`` means ``"product"``, except for configs written by
+            hf_attn 0.1.x, which only had ``"softmax"``.
         position_embedding_type: ``"absolute"`` (learned table) or ``"rope"``. ``None`` picks
             ``"rope"`` for ``attention_mode="rope"`` and ``"absolute"`` otherwise; ``local`` and
             ``lowrank`` accept either (Mistral-style local + rope).
@@ -120,6 +126,7 @@ class HfAttnConfig(PretrainedConfig):
         sliding_window: int = 256,
         lowrank_dim: int = 64,
         lowrank_chunk_size: int = 128,
+        lowrank_feature_map: str | None = None,
         position_embedding_type: str | None = None,
         rope_theta: float = 10000.0,
         rope_scaling: dict | None = None,
@@ -150,6 +157,9 @@ class HfAttnConfig(PretrainedConfig):
         self.sliding_window = sliding_window
         self.lowrank_dim = lowrank_dim
         self.lowrank_chunk_size = lowrank_chunk_size
+        if lowrank_feature_map is None:  # 0.1.x configs predate the field and meant one softmax
+            lowrank_feature_map = "softmax" if str(hf_attn_version).startswith("0.1.") else "product"
+        self.lowrank_feature_map = lowrank_feature_map
         if position_embedding_type is None:
             position_embedding_type = "rope" if attention_mode == "rope" else "absolute"
         self.position_embedding_type = position_embedding_type
@@ -228,6 +238,13 @@ class HfAttnConfig(PretrainedConfig):
                 _fail(name, value, f"None or an id in [0, vocab_size={self.vocab_size})")
         if not isinstance(self.is_causal, bool):
             _fail("is_causal", self.is_causal, "True or False")
+        if self.lowrank_feature_map not in LOWRANK_FEATURE_MAPS:
+            _fail("lowrank_feature_map", self.lowrank_feature_map, f"one of {list(LOWRANK_FEATURE_MAPS)} or None")
+        if (self.attention_mode == "lowrank" and self.is_causal and self.lowrank_feature_map == "product"
+                and not any(self.lowrank_dim % m == 0 for m in range(2, math.isqrt(self.lowrank_dim) + 1))):
+            _fail("lowrank_dim", self.lowrank_dim,
+                  "a product of two integers >= 2 with lowrank_feature_map='product' (e.g. 256 = 16 x 16), "
+                  "or lowrank_feature_map='softmax'")
         if self.attention_mode == "lowrank" and not self.is_causal and self.lowrank_dim > self.max_position_embeddings:
             _fail("lowrank_dim", self.lowrank_dim,
                   f"lowrank_dim <= max_position_embeddings={self.max_position_embeddings} "

@@ -7,8 +7,10 @@ import torch
 from conftest import tiny_config
 from shape_probe import ShapeProbe
 
-from hf_attn.attention_lowrank import LowRankStateCacheLayer, lowrank_attention_forward
+from hf_attn.attention_lowrank import LowRankStateCacheLayer, feature_factors, lowrank_attention_forward
 from hf_attn.modeling_hf_attn import HfAttnAttention
+
+FEATURE_MAPS = ["product", "softmax"]
 
 
 def module(**kw) -> HfAttnAttention:
@@ -16,10 +18,31 @@ def module(**kw) -> HfAttnAttention:
     return HfAttnAttention(tiny_config("lowrank", **kw), layer_idx=0).eval()
 
 
+def features(mod, x):
+    """phi(x), written out: one softmax over k slots, or the outer product of two softmaxes whose
+    logits are the two row slices of the feature weight (m1 + m2 rows, m1 * m2 = k)."""
+    w = mod.feature_map.weight.to(x.dtype)
+    if mod.config.lowrank_feature_map == "softmax":
+        return torch.softmax(x @ w.t(), -1)
+    m1, m2 = feature_factors(mod.config)
+    a, b = torch.softmax(x @ w[:m1].t(), -1), torch.softmax(x @ w[m1:].t(), -1)
+    return torch.einsum("...i,...j->...ij", a, b).reshape(*x.shape[:-1], m1 * m2)
+
+
+@pytest.mark.parametrize("rank,sizes", [(256, (16, 16)), (32, (4, 8)), (8, (2, 4)), (9, (3, 3))])
+def test_product_feature_map_factors(rank, sizes):
+    mod = module(lowrank_dim=rank, lowrank_feature_map="product")
+    assert feature_factors(mod.config) == sizes
+    assert mod.feature_map.weight.shape == (sum(sizes), 8)
+    phi = features(mod, torch.randn(5, 8))
+    assert phi.shape == (5, rank) and (phi >= 0).all()
+    torch.testing.assert_close(phi.sum(-1), torch.ones(5))  # a distribution over the k slots
+    assert module(lowrank_dim=rank, lowrank_feature_map="softmax").feature_map.weight.shape == (rank, 8)
+
+
 def quadratic_reference(mod, q, k, v, key_mask):
     """out_i = sum_{j<=i} phi(q_i).phi(k_j) v_j / sum_{j<=i} phi(q_i).phi(k_j), built as an explicit matrix."""
-    w = mod.feature_map.weight.t()
-    fq, fk = torch.softmax(q @ w, -1), torch.softmax(k @ w, -1)
+    fq, fk = features(mod, q), features(mod, k)
     fk = fk * key_mask[:, None, :, None]
     g = q.shape[1] // k.shape[1]
     fk, v = fk.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -27,9 +50,10 @@ def quadratic_reference(mod, q, k, v, key_mask):
     return ((a @ v) / (a.sum(-1, keepdim=True) + 1e-6)).transpose(1, 2)
 
 
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("chunk", [1, 3, 4, 64])
-def test_causal_kernel_matches_quadratic_definition(chunk):
-    mod = module(lowrank_chunk_size=chunk)
+def test_causal_kernel_matches_quadratic_definition(chunk, feature_map):
+    mod = module(lowrank_chunk_size=chunk, lowrank_feature_map=feature_map)
     q, k, v = torch.randn(2, 4, 11, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
     key_mask = torch.ones(2, 11)
     key_mask[1, :3] = 0
@@ -38,9 +62,10 @@ def test_causal_kernel_matches_quadratic_definition(chunk):
     torch.testing.assert_close(got, quadratic_reference(mod, q, k, v, key_mask), rtol=1e-5, atol=1e-5)
 
 
-def test_state_continues_exactly():
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_state_continues_exactly(feature_map):
     """Prefix in one call + the rest token by token == everything in one call."""
-    mod = module(lowrank_chunk_size=4)
+    mod = module(lowrank_chunk_size=4, lowrank_feature_map=feature_map)
     q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
     whole, _ = lowrank_attention_forward(mod, q, k, v, None, 8**-0.5)
     layer = LowRankStateCacheLayer()
@@ -67,22 +92,22 @@ def _quadratic_reference_f64(mod, q, k, v, key_mask):
     """``quadratic_reference`` in float64, the ground truth for gradients."""
     g = q.shape[1] // k.shape[1]
     k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
-    w = mod.feature_map.weight.double().t()
-    fq, fk = torch.softmax(q.double() @ w, -1), torch.softmax(k @ w, -1) * key_mask[:, None, :, None].double()
+    fq, fk = features(mod, q.double()), features(mod, k) * key_mask[:, None, :, None].double()
     a = (fq @ fk.transpose(-1, -2)).tril()
     return ((a @ v) / (a.sum(-1, keepdim=True) + 1e-6)).transpose(1, 2)
 
 
 # (length, chunk, rows per streamed block): one block, several blocks, a block ending mid-chunk
 # (padded), blocks of one chunk
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("length,chunk,rows", [(11, 4, 512), (23, 4, 8), (37, 8, 16), (5, 4, 8), (40, 4, 2)])
-def test_streamed_path_gradients_match_quadratic_definition(monkeypatch, length, chunk, rows):
+def test_streamed_path_gradients_match_quadratic_definition(monkeypatch, length, chunk, rows, feature_map):
     """The training path (row blocks, hand-written backward that recomputes each block) gives the
     quadratic definition's output and gradients for q, k, v and the feature map, padding included."""
     import hf_attn.attention_lowrank as lowrank
 
     monkeypatch.setattr(lowrank, "_STREAM_ROWS", rows)
-    mod = module(lowrank_chunk_size=chunk)
+    mod = module(lowrank_chunk_size=chunk, lowrank_feature_map=feature_map)
     mod.feature_map.weight.data.normal_()  # peaked features: a harder test than the small init
     torch.manual_seed(1)
     q = torch.randn(2, 4, length, 8, requires_grad=True)
@@ -104,15 +129,17 @@ def test_streamed_path_gradients_match_quadratic_definition(monkeypatch, length,
         assert err < 1e-5, (name, err)
 
 
-def test_streamed_path_saves_inputs_and_block_states_only(monkeypatch):
-    """Saved for backward: q, k, v, the feature map and one (k, D + 1) state per block of rows;
-    the largest tensor of forward + backward does not grow with n (no (n, k) feature map)."""
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_streamed_path_saves_inputs_and_block_states_only(monkeypatch, feature_map):
+    """Saved for backward: q, k, v, the feature map, the output with its normaliser and one
+    (k, D + 1) state per block of rows; the largest tensor of forward + backward does not grow with
+    n (no (n, k) feature map)."""
     import hf_attn.attention_lowrank as lowrank
 
     monkeypatch.setattr(lowrank, "_STREAM_ROWS", 64)
     largest = {}
     for n in (256, 512):
-        mod = module(lowrank_chunk_size=16)
+        mod = module(lowrank_chunk_size=16, lowrank_feature_map=feature_map)
         q = torch.randn(1, 4, n, 8, requires_grad=True)
         k, v = torch.randn(1, 4, n, 8, requires_grad=True), torch.randn(1, 4, n, 8, requires_grad=True)
         with ShapeProbe() as probe:
@@ -123,7 +150,9 @@ def test_streamed_path_saves_inputs_and_block_states_only(monkeypatch):
             saved = sum(t.numel() for t in node.saved_tensors if t is not None)
             out.sum().backward()
         blocks = -(-n // lowrank._STREAM_ROWS)
-        assert saved == 3 * q.numel() + 8 * 8 + blocks * 4 * 8 * 9  # q, k, v, W (k x D), states (H, k, D + 1)
+        weight = mod.feature_map.weight.numel()  # (k, D) or (m1 + m2, D)
+        # q, k, v, out (B, H, n, D), normaliser (B, H, n), W, states (H, k, D + 1)
+        assert saved == 4 * q.numel() + q.numel() // 8 + weight + blocks * 4 * 8 * 9
         # q, k, v and their gradients are (n, H, D); anything bigger would be an (n, k) buffer
         largest[n] = max(s for shape in probe.shapes if (s := torch.Size(shape).numel()) != q.numel())
     assert largest[512] == largest[256]
@@ -152,3 +181,34 @@ def test_linformer_ignores_padding_with_position_ids():
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     padded, _ = lowrank_attention_forward(mod, pad(q), pad(k), pad(v), mask, 8**-0.5, is_causal=False, position_ids=pos)
     torch.testing.assert_close(padded[:, 3:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_first_call_with_a_cache_takes_the_streamed_path():
+    """A fresh cache (a prompt, or training with use_cache=True as Trainer leaves it) runs the
+    streamed kernel and stores its final state; gradients equal those without a cache."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("lowrank", lowrank_chunk_size=4)).train()
+    ids = torch.randint(1, 97, (2, 13))
+    grads = []
+    for use_cache in (False, True):
+        model.zero_grad()
+        out = model(ids, labels=ids, use_cache=use_cache)
+        node, seen, found = out.loss.grad_fn, set(), False
+        stack = [node]
+        while stack:  # the streamed kernel's node is in the graph either way
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            found |= "StreamedCausalLowRank" in type(node).__name__
+            stack.extend(n for n, _ in node.next_functions)
+        assert found, use_cache
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if use_cache:
+            state = out.past_key_values.hf_attn_layers[0].state
+            assert state.shape == (2, 2, 8, 9) and not state.requires_grad
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)

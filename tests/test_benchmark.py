@@ -96,7 +96,7 @@ def test_mistral_sliding_cache_is_bounded_by_the_window():
     assert curve[12] == curve[10] < (TINY.window + 1) * per_token  # keeps window - 1 tokens (+ a counter)
 
 
-@pytest.mark.parametrize("mode", ["eager", "rope", "local", "lowrank"])
+@pytest.mark.parametrize("mode", ["eager", "rope", "local", "lowrank", "lowrank_softmax"])
 def test_our_cache_bytes_match_the_cache_tensors(mode):
     model = build_our_model(mode, TINY).eval()
     prompt = torch.randint(0, 64, (1, 3))

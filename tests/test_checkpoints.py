@@ -59,6 +59,22 @@ def test_config_with_unknown_fields_from_a_newer_version(ckpt):
         AutoModelForCausalLM.from_pretrained(ckpt)
 
 
+def test_lowrank_checkpoint_from_0_1_loads_with_its_softmax_feature_map(tmp_path):
+    """A lowrank checkpoint saved by hf_attn 0.1.x has no ``lowrank_feature_map`` in config.json and a
+    (k, D) feature weight: it loads as the softmax map and gives the same outputs."""
+    torch.manual_seed(0)
+    model = HfAttnForCausalLM(tiny_config("lowrank", lowrank_feature_map="softmax")).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["lowrank_feature_map"]
+    config["hf_attn_version"] = "0.1.0"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.lowrank_feature_map == "softmax"
+    ids = torch.randint(1, 97, (2, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
 def test_weights_that_do_not_match_the_config(ckpt):
     config = json.loads((ckpt / "config.json").read_text())
     config["intermediate_size"] = 96  # the saved MLP is 64 wide

@@ -63,6 +63,9 @@ BAD_VALUES = [
     ({"attention_mode": "rope", "hidden_size": 36, "num_attention_heads": 4, "num_key_value_heads": 4}, "even head_dim"),
     ({"attention_mode": "lowrank", "is_causal": False, "lowrank_dim": 256, "max_position_embeddings": 128}, "lowrank_dim"),
     ({"is_causal": "yes"}, "is_causal"),
+    ({"lowrank_feature_map": "relu"}, "lowrank_feature_map"),
+    ({"attention_mode": "lowrank", "lowrank_dim": 31, "lowrank_feature_map": "product"}, "lowrank_dim"),
+    ({"attention_mode": "lowrank", "lowrank_dim": 1}, "lowrank_dim"),
     ({"pad_token_id": 1000}, "pad_token_id"),
 ]
 
@@ -73,3 +76,16 @@ def test_bad_values_name_the_field(overrides, field):
         tiny_config(**overrides)
     assert "HfAttnConfig." in str(info.value)
     assert "allowed:" in str(info.value)
+
+
+def test_lowrank_feature_map_default_and_older_configs():
+    """New configs default to the product map; a config.json written by hf_attn 0.1.x (before the
+    field existed, when the only map was one softmax) keeps meaning that."""
+    assert tiny_config("lowrank").lowrank_feature_map == "product"
+    assert tiny_config("lowrank", lowrank_dim=31, lowrank_feature_map="softmax").lowrank_dim == 31
+    old = tiny_config("lowrank").to_dict()
+    old.pop("lowrank_feature_map")
+    old["hf_attn_version"] = "0.1.0"
+    assert HfAttnConfig.from_dict(old).lowrank_feature_map == "softmax"
+    old["hf_attn_version"] = HfAttnConfig().hf_attn_version
+    assert HfAttnConfig.from_dict(old).lowrank_feature_map == "product"

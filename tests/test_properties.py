@@ -26,6 +26,9 @@ def configs(draw) -> HfAttnConfig:
     mode, pos = draw(st.sampled_from(MODE_VARIANTS))
     kv_heads = draw(st.sampled_from([1, 2]))
     heads = kv_heads * draw(st.sampled_from([1, 2]))
+    feature_map = draw(st.sampled_from(["product", "softmax"]))
+    # the product map needs k = m1 * m2 with both factors >= 2
+    rank = draw(st.sampled_from([4, 6, 8, 9]) if feature_map == "product" else st.integers(1, 6))
     return HfAttnConfig(
         vocab_size=31,
         hidden_size=heads * 4,
@@ -37,7 +40,8 @@ def configs(draw) -> HfAttnConfig:
         attention_mode=mode,
         position_embedding_type=pos,
         sliding_window=draw(st.integers(1, 6)),
-        lowrank_dim=draw(st.integers(1, 6)),
+        lowrank_dim=rank,
+        lowrank_feature_map=feature_map,
         lowrank_chunk_size=draw(st.integers(1, 5)),
         pad_token_id=0,
     )

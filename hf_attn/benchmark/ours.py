@@ -10,18 +10,30 @@ from torch import nn
 
 from .spec import BenchSpec
 
+# Benchmark cases that are a mode with a non-default setting: case name -> (mode, config overrides).
+MODE_VARIANTS: dict[str, tuple[str, dict]] = {
+    "lowrank_softmax": ("lowrank", {"lowrank_feature_map": "softmax"}),  # the default is "product"
+}
+
+
+def base_mode(mode: str) -> str:
+    """The attention mode of a benchmark mode name (``lowrank_softmax`` -> ``lowrank``)."""
+    return MODE_VARIANTS.get(mode, (mode, {}))[0]
+
 
 def our_config(mode: str, spec: BenchSpec, num_layers: int | None = None):
-    """``HfAttnConfig`` of attention mode ``mode`` at the size of ``spec`` (window/rank from ``spec``)."""
+    """``HfAttnConfig`` of attention mode ``mode`` (or a ``MODE_VARIANTS`` name) at the size of
+    ``spec`` (window/rank from ``spec``)."""
     from hf_attn import HfAttnConfig
 
+    mode, overrides = MODE_VARIANTS.get(mode, (mode, {}))
     return HfAttnConfig(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
         num_hidden_layers=spec.num_layers if num_layers is None else num_layers,
         num_attention_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
         max_position_embeddings=spec.max_positions, attention_mode=mode, sliding_window=spec.window,
         lowrank_dim=spec.rank, hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=True,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, **overrides,
     )
 
 

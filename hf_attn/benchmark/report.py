@@ -18,8 +18,9 @@ from .suite import COLUMNS
 # (section, ours case, reference case) pairs shown on the console and in the summary; ratios.csv has all pairs.
 PRIMARY_PAIRS: dict[str, list[tuple[str, str]]] = {
     "attention": [("ours_eager", "sdpa_causal"), ("ours_rope", "sdpa_causal"), ("ours_lowrank", "sdpa_causal"),
-                  ("ours_local", "sdpa_causal"), ("ours_local", "mistral_sdpa"), ("ours_local", "mistral_eager")],
-    "kernel": [("ours_eager", "sdpa_causal"), ("ours_lowrank", "sdpa_causal"), ("ours_local", "sdpa_causal"),
+                  ("ours_lowrank_softmax", "sdpa_causal"), ("ours_local", "sdpa_causal"), ("ours_local", "mistral_sdpa"), ("ours_local", "mistral_eager")],
+    "kernel": [("ours_eager", "sdpa_causal"), ("ours_lowrank", "sdpa_causal"), ("ours_lowrank_softmax", "sdpa_causal"),
+               ("ours_local", "sdpa_causal"),
                ("ours_local", "mistral_sdpa")],
     "model": [("ours_eager", "gpt2_sdpa"), ("ours_rope", "llama_sdpa"), ("ours_local", "mistral_sdpa"),
               ("ours_lowrank", "llama_sdpa")],

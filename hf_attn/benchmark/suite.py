@@ -46,7 +46,7 @@ from .measure import (
     peak_memory_bytes,
     time_interleaved,
 )
-from .ours import build_our_layer, build_our_model
+from .ours import base_mode, build_our_layer, build_our_model
 from .reference import (
     REFERENCE_ATTENTION_KIND,
     REFERENCE_LAYERS,
@@ -57,7 +57,8 @@ from .reference import (
 from .spec import BenchSpec
 
 SECTIONS = ("attention", "kernel", "scaling", "model", "generation", "train")
-ATTENTION_MODES = ("eager", "local", "lowrank", "rope")
+# the four attention modes, plus lowrank with the softmax feature map (ours.MODE_VARIANTS)
+ATTENTION_MODES = ("eager", "local", "lowrank", "rope", "lowrank_softmax")
 OURS_PREFIX = "ours_"
 # References that form the (B, H, n, n) scores in every layer: their memory is estimated before running.
 MATERIALISE_SCORES = {"gpt2_eager", "mistral_eager"}
@@ -272,7 +273,7 @@ def _layer_step_maker(opts: RunOptions, spec: BenchSpec) -> Callable[[nn.Module,
     return make_step
 
 
-LINEAR_MODES = ("local", "lowrank")
+LINEAR_MODES = ("local", "lowrank", "lowrank_softmax")
 
 
 def bench_scaling(opts: RunOptions, spec: BenchSpec, log: Log = print) -> list[dict]:
@@ -323,7 +324,7 @@ def bench_kernel(opts: RunOptions, spec: BenchSpec, log: Log = print) -> list[di
 
 
 def _case_attention_kind(case: str) -> str:
-    return case[len(OURS_PREFIX):] if case.startswith(OURS_PREFIX) else REFERENCE_ATTENTION_KIND[case]
+    return base_mode(case[len(OURS_PREFIX):]) if case.startswith(OURS_PREFIX) else REFERENCE_ATTENTION_KIND[case]
 
 
 def _flops_per_token(case: str, model: nn.Module, n: int, spec: BenchSpec) -> float:
