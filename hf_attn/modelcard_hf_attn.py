@@ -73,8 +73,13 @@ _MODE_LIMITATIONS = {
 # sums; the bidirectional variant projects the keys/values along the sequence (Linformer).
 _LOWRANK_METHODS = {
     True: "causal linear attention, softmax(q k^T) replaced by phi(q) phi(k)^T with k-dimensional feature "
-    "maps phi and evaluated with chunked prefix sums (Katharopoulos et al., 2020)",
+    "maps phi ({feature_map}) and evaluated with chunked prefix sums (Katharopoulos et al., 2020)",
     False: "Linformer projection of the keys and values along the sequence to k rows (Wang et al., 2020)",
+}
+
+_FEATURE_MAPS = {
+    "softmax": "one softmax over the k slots",
+    "product": "the outer product of two softmaxes over an m1 x m2 grid of slots, m1 * m2 = k",
 }
 
 
@@ -150,6 +155,8 @@ def attention_parameters(config: Any) -> dict[str, Any]:
         params["sliding_window"] = config.sliding_window
     elif mode == "lowrank":
         params["lowrank_dim"] = config.lowrank_dim
+        if params["is_causal"]:
+            params["lowrank_feature_map"] = config.lowrank_feature_map
         params["lowrank_chunk_size"] = config.lowrank_chunk_size
     params["position_embedding_type"] = config.position_embedding_type
     if config.position_embedding_type == "rope":
@@ -205,7 +212,8 @@ def _template_values(config: Any, data: Mapping[str, Any], model_name: str, pipe
         "receptive_field": config.num_hidden_layers * (window - 1),
         "num_hidden_layers": config.num_hidden_layers,
         "lowrank_dim": getattr(config, "lowrank_dim", None),
-        "lowrank_method": _LOWRANK_METHODS[causal],
+        "lowrank_method": _LOWRANK_METHODS[causal].format(feature_map=_FEATURE_MAPS.get(
+            getattr(config, "lowrank_feature_map", "softmax"), "")),
         "rope_theta": getattr(config, "rope_theta", None),
         "scaling": f", {scaling['type']} scaling x{scaling['factor']}"
         if scaling
