@@ -116,8 +116,8 @@ def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
         if past is None:  # training, full-sequence inference, a prompt: streamed, O(block) memory
             out, end_state = _StreamedCausalLowRank.apply(q, k, v, weight, mask, chunk, sizes)
         else:  # generation: this call's chunks at once, from the cached state
-            block, end_state = _block(q, k, v, weight, sizes, mask, chunk, past.repeat_interleave(g, dim=1))
-            out, _ = _normalise(block.y(), q.shape[2])
+            block = _Block(q, k, v, weight, sizes, mask, chunk, past.repeat_interleave(g, dim=1))
+            (out, _), end_state = _normalise(block.y(), q.shape[2]), block.end_state
         if cache_layer is not None:
             cache_layer.state = end_state[:, ::g].contiguous()  # the g heads of a group hold one state
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
@@ -137,11 +137,6 @@ def feature_factors(config) -> tuple[int, ...]:
         return (rank,)
     m1 = max(m for m in range(1, math.isqrt(rank) + 1) if rank % m == 0)
     return (m1, rank // m1)
-
-
-def k_slots(sizes: tuple[int, ...]) -> int:
-    """k, the number of slots (feature dimension) of factors of these sizes."""
-    return math.prod(sizes)
 
 
 def _float_inputs(module, query, key, value, attention_mask):
@@ -180,10 +175,11 @@ def _chunks(t, rows, chunk):
 
 
 class _Block:
-    """One row block's tensors, in chunks (B, H, nc, C, .): query and key factors (keys' first
-    factor zeroed at padding, so a padded key writes nothing), their k-slot features, the values
-    with a ones column, the in-chunk score factors and their masked product, and the state each
-    chunk starts from."""
+    """Causal feature-map attention of one row block that starts from the prefix ``state``
+    (B, H, k, D + 1). Holds the tensors the backward reuses, in chunks (B, H, nc, C, .): query and
+    key factors (keys' first factor zeroed at padding, so a padded key writes nothing), their k-slot
+    features, the values with a ones column, the in-chunk score factors and their masked product,
+    the state each chunk starts from, and ``end_state`` after the block."""
 
     def __init__(self, q, k, v, weight, sizes, mask, chunk, state):
         rows = q.shape[2]
@@ -208,12 +204,6 @@ class _Block:
     def y(self):
         """Unnormalised result (B, H, nc, C, D + 1): in-chunk part plus the read of the prefix."""
         return self.scores @ self.v1 + self.fq @ self.prefix
-
-
-def _block(q, k, v, weight, sizes, mask, chunk, state):
-    """Causal feature-map attention of one row block starting from prefix ``state`` (B, H, k, D + 1)."""
-    block = _Block(q, k, v, weight, sizes, mask, chunk, state)
-    return block, block.end_state
 
 
 def _running_sum(start, terms, reverse=False):
@@ -275,14 +265,15 @@ class _StreamedCausalLowRank(torch.autograd.Function):
     def forward(ctx, q, k, v, weight, mask, chunk, sizes):
         b, h, length, d = q.shape
         rows = max(chunk, _STREAM_ROWS // chunk * chunk)
-        state = q.new_zeros(b, h, k_slots(sizes), d + 1)
+        state = q.new_zeros(b, h, math.prod(sizes), d + 1)  # (k, D + 1)
         out, z = q.new_empty(b, h, length, d), q.new_empty(b, h, length)
         starts = []
         for r0 in range(0, length, rows):
             r1 = min(r0 + rows, length)
             starts.append(state)
-            block, state = _block(q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1], weight, sizes,
-                                  mask[:, r0:r1] if mask is not None else None, chunk, state)
+            block = _Block(q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1], weight, sizes,
+                           mask[:, r0:r1] if mask is not None else None, chunk, state)
+            state = block.end_state
             out[:, :, r0:r1], z[:, :, r0:r1] = _normalise(block.y(), r1 - r0)
         ctx.save_for_backward(q, k, v, weight, mask, out, z, torch.stack(starts))
         ctx.args = (chunk, rows, sizes)
@@ -304,7 +295,7 @@ class _StreamedCausalLowRank(torch.autograd.Function):
             n = r1 - r0
             qb, kb, vb = q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1]
             mb = mask[:, r0:r1] if mask is not None else None
-            blk, _ = _block(qb, kb, vb, weight, sizes, mb, chunk, starts[index])
+            blk = _Block(qb, kb, vb, weight, sizes, mb, chunk, starts[index])
             # out = y[..., :D] / z with z = y[..., D] + eps, so dy = (go / z, -(go . out) / z)
             go, zb = grad_out[:, :, r0:r1], z[:, :, r0:r1, None]
             dy = _chunks(torch.cat([go / zb, -(go * out[:, :, r0:r1]).sum(-1, keepdim=True) / zb], dim=-1), n, chunk)
