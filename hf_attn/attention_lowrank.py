@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_eager import eager_attention_forward, sdpa_attention_forward
+from .configuration_hf_attn import lowrank_grid
 
 # Keeps the normaliser of a query that has seen only padding away from 0/0.
 _EPS = 1e-6
@@ -132,11 +133,9 @@ def feature_factors(config) -> tuple[int, ...]:
     """Sizes of the softmax factors whose outer product is the k-slot feature map: ``(k,)`` for
     ``lowrank_feature_map="softmax"``, ``(m1, m2)`` with ``m1 * m2 = k`` and ``m1 <= m2`` as close
     as possible for ``"product"`` (16 x 16 for k = 256)."""
-    rank = config.lowrank_dim
     if config.lowrank_feature_map == "softmax":
-        return (rank,)
-    m1 = max(m for m in range(1, math.isqrt(rank) + 1) if rank % m == 0)
-    return (m1, rank // m1)
+        return (config.lowrank_dim,)
+    return lowrank_grid(config.lowrank_dim)
 
 
 def _float_inputs(module, query, key, value, attention_mask):
@@ -199,7 +198,8 @@ class _Block:
         # in-chunk scores phi(q_i) . phi(k_j) = prod_f (a_f(q_i) . a_f(k_j)): C x C per factor,
         # never the C x k features (the product map's saving)
         self.factor_scores = [a @ b.transpose(-1, -2) for a, b in zip(self.qf, self.kf)]
-        self.scores = math.prod(self.factor_scores[1:], start=self.factor_scores[0]).tril()
+        scores = self.factor_scores
+        self.scores = (scores[0] * scores[1] if len(scores) == 2 else scores[0]).tril()
 
     def y(self):
         """Unnormalised result (B, H, nc, C, D + 1): in-chunk part plus the read of the prefix."""
@@ -212,15 +212,17 @@ def _running_sum(start, terms, reverse=False):
     few chunks, so this beats cumsum + cat, and it never subtracts (inclusive - own would cancel
     large terms in float32)."""
     out = torch.empty_like(terms)
-    order = range(terms.shape[2] - 2, -1, -1) if reverse else range(1, terms.shape[2])
-    step = -1 if reverse else 1
-    out[:, :, order.start - step] = start
+    order = range(terms.shape[2] - 1, -1, -1) if reverse else range(terms.shape[2])
     tracked = torch.is_grad_enabled() and (start.requires_grad or terms.requires_grad)
-    for c in order:  # out[c] = out[c - step] + terms[c - step]
-        if tracked:  # generation under autograd: differentiable in-place writes
-            out[:, :, c] = out[:, :, c - step] + terms[:, :, c - step]
+    prev = None
+    for c in order:
+        if prev is None:
+            out[:, :, c] = start
+        elif tracked:  # generation under autograd: differentiable in-place writes
+            out[:, :, c] = out[:, :, prev] + terms[:, :, prev]
         else:
-            torch.add(out[:, :, c - step], terms[:, :, c - step], out=out[:, :, c])
+            torch.add(out[:, :, prev], terms[:, :, prev], out=out[:, :, c])
+        prev = c
     return out
 
 
@@ -310,9 +312,9 @@ class _StreamedCausalLowRank(torch.autograd.Function):
             # through the reads of the prefix and the writes into it, then the in-chunk scores
             dqf = _factor_grads(dy @ blk.prefix.transpose(-1, -2), blk.qf)
             dkf = _factor_grads(blk.v1 @ dwrites.transpose(-1, -2), blk.kf)
+            scores = blk.factor_scores
             for f, (aq, ak) in enumerate(zip(blk.qf, blk.kf)):
-                others = [s for g, s in enumerate(blk.factor_scores) if g != f]
-                dsf = dscores * math.prod(others[1:], start=others[0]) if others else dscores
+                dsf = dscores * scores[1 - f] if len(scores) == 2 else dscores  # the other factor's scores
                 dqf[f] = dqf[f] + dsf @ ak
                 dkf[f] = dkf[f] + dsf.transpose(-1, -2) @ aq
             dv[:, :, r0:r1] = dv1.flatten(2, 3)[:, :, :n, :-1]

@@ -38,6 +38,13 @@ def _check_prob(field: str, value: Any) -> None:
         _fail(field, value, "a float in [0, 1]")
 
 
+def lowrank_grid(rank: int) -> tuple[int, int]:
+    """The m1 x m2 slot grid of the ``"product"`` feature map: ``m1 * m2 = rank`` with ``m1 <= m2``
+    as close as possible (16 x 16 for 256; m1 = 1 when rank has no such factorisation)."""
+    m1 = max(m for m in range(1, math.isqrt(rank) + 1) if rank % m == 0)
+    return m1, rank // m1
+
+
 def _base_config_fields() -> set[str]:
     """Keys transformers itself may put in any config.json (its own fields and popped generation keys)."""
     known = set(PretrainedConfig().to_dict()) | set(GenerationConfig._get_default_generation_params())
@@ -241,7 +248,7 @@ class HfAttnConfig(PretrainedConfig):
         if self.lowrank_feature_map not in LOWRANK_FEATURE_MAPS:
             _fail("lowrank_feature_map", self.lowrank_feature_map, f"one of {list(LOWRANK_FEATURE_MAPS)} or None")
         if (self.attention_mode == "lowrank" and self.is_causal and self.lowrank_feature_map == "product"
-                and not any(self.lowrank_dim % m == 0 for m in range(2, math.isqrt(self.lowrank_dim) + 1))):
+                and lowrank_grid(self.lowrank_dim)[0] < 2):
             _fail("lowrank_dim", self.lowrank_dim,
                   "a product of two integers >= 2 with lowrank_feature_map='product' (e.g. 256 = 16 x 16), "
                   "or lowrank_feature_map='softmax'")
