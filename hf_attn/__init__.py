@@ -6,6 +6,7 @@ Importing the package registers the model type ``"hf_attn"`` with ``AutoConfig``
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .attention_registry import ATTENTION_REGISTRY, get_attention_spec
 from .cache_hf_attn import HfAttnCache
@@ -23,6 +24,9 @@ AutoConfig.register(HfAttnConfig.model_type, HfAttnConfig, exist_ok=True)
 AutoModel.register(HfAttnConfig, HfAttnModel, exist_ok=True)
 AutoModelForCausalLM.register(HfAttnConfig, HfAttnForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HfAttnConfig, HfAttnForSequenceClassification, exist_ok=True)
+
+# Trainer reads this table to know a model is a causal LM (label smoothing then shifts the labels).
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(HfAttnConfig.model_type, HfAttnForCausalLM.__name__)
 
 HfAttnConfig.register_for_auto_class()
 HfAttnModel.register_for_auto_class("AutoModel")

@@ -9,8 +9,10 @@ Cost: O(Lq * Lk) time; the ``"eager"`` implementation also holds the (B, H, Lq, 
 (flash / memory-efficient kernels where the device has them).
 Limits: quadratic in the sequence length; use ``local`` or ``lowrank`` for long inputs.
 
-The mask is boolean, ``True`` = may attend, shaped (B, 1, Lq, Lk), or ``None`` for "no padding"
-(then causality is handled by the kernel's ``is_causal`` flag).
+The mask is boolean, ``True`` = may attend, shaped (B, 1, Lq, Lk), or transformers' additive float
+mask of that shape, or ``None`` for "no padding" (then causality is handled by the kernel's ``is_causal``
+flag). The model builds it with transformers' ``create_causal_mask``, which covers padding, packed
+sequences and static caches.
 """
 
 from __future__ import annotations
@@ -76,9 +78,13 @@ def eager_attention_forward(
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Lq, Lk)
     lq, lk = scores.shape[-2:]
     if attention_mask is None and is_causal and lq > 1:
-        attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril(lk - lq)
-    if attention_mask is not None:
+        # top-left aligned, as sdpa's is_causal: transformers' mask functions return None only when
+        # that is right (no cache, or a static cache filled from position 0)
+        attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:  # transformers' additive float mask (0 or the dtype's minimum)
+        scores = scores + attention_mask.to(scores.dtype)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value)  # (B, H, Lq, D)
@@ -98,10 +104,8 @@ def sdpa_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """PyTorch's fused kernel; no weights are formed, so none are returned."""
-    lq, lk = query.shape[2], key.shape[2]
-    use_causal_flag = attention_mask is None and is_causal and lq > 1
-    if use_causal_flag and lq != lk:
-        raise ValueError(f"a causal call with {lk - lq} cached keys needs an explicit attention mask")
+    # without a mask, causality is sdpa's top-left aligned flag (see eager_attention_forward)
+    use_causal_flag = attention_mask is None and is_causal and query.shape[2] > 1
     out = F.scaled_dot_product_attention(
         query,
         key,
@@ -113,28 +117,3 @@ def sdpa_attention_forward(
         enable_gqa=query.shape[1] != key.shape[1],
     )  # (B, H, Lq, D)
     return out.transpose(1, 2).contiguous(), None
-
-
-class FullKVCacheLayer:
-    """Keeps every key and value: (B, Hkv, T, D) grows by the tokens of each call."""
-
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new (B, Hkv, L, D) keys/values; return all keys/values seen so far."""
-        if self.keys is None:
-            self.keys, self.values = key, value
-        else:
-            self.keys = torch.cat([self.keys, key], dim=2)
-            self.values = torch.cat([self.values, value], dim=2)
-        return self.keys, self.values
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.keys, self.values) if t is not None]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, index.to(self.keys.device))
-            self.values = self.values.index_select(0, index.to(self.values.device))

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_eager import FullKVCacheLayer
 
 
 def _span_blocks(is_causal: bool) -> int:
@@ -62,14 +61,10 @@ def build_local_block_mask(
         key_padding_mask: (B, cached + query_length) bool, ``True`` = real token, or ``None``.
         cached: keys before the first query (0 <= cached < w).
     """
-    if key_padding_mask is None:  # depends on sizes only: reuse it across layers, steps and calls
-        return _unpadded_block_mask(query_length, cached, window, is_causal, batch, device)
-    return _block_mask(key_padding_mask, query_length, cached, window, is_causal, batch, key_padding_mask.device)
-
-
-@lru_cache(maxsize=16)
-def _unpadded_block_mask(query_length, cached, window, is_causal, batch, device) -> torch.Tensor:
-    return _block_mask(None, query_length, cached, window, is_causal, batch, device)
+    # without padding it depends on sizes only: the model keeps it for reuse (a bounded cache of its own)
+    if key_padding_mask is not None:
+        device = key_padding_mask.device
+    return _block_mask(key_padding_mask, query_length, cached, window, is_causal, batch, device)
 
 
 def _block_mask(key_padding_mask, query_length, cached, window, is_causal, batch, device) -> torch.Tensor:
@@ -419,22 +414,3 @@ def _group_inputs(q, k, v, mask, start, stop, window, span_blocks, left):
     n_blocks = mask.shape[0] // b
     mg = mask.view(b, n_blocks, 1, window, -1)[:, start:stop].reshape(b * blocks, 1, window, -1)
     return qg, kg, vg, mg, (lo, hi, lo - first)
-
-
-class SlidingWindowCacheLayer(FullKVCacheLayer):
-    """Keeps the last ``window - 1`` keys and values: bounded memory however long generation runs."""
-
-    def __init__(self, window: int) -> None:
-        super().__init__()
-        self.window = window
-
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return cached + new keys/values for this call; keep only the last ``window - 1``."""
-        if self.keys is not None:
-            key = torch.cat([self.keys, key], dim=2)
-            value = torch.cat([self.values, value], dim=2)
-        keep = self.window - 1
-        # clone so the stored window does not pin the whole prompt's key tensor in memory
-        self.keys = key[:, :, -keep:].clone() if keep > 0 else key[:, :, :0]
-        self.values = value[:, :, -keep:].clone() if keep > 0 else value[:, :, :0]
-        return key, value

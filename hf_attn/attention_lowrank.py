@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_eager import eager_attention_forward, sdpa_attention_forward
+from .cache_hf_attn import lowrank_state, set_lowrank_state
 from .configuration_hf_attn import lowrank_grid
 
 # Keeps the normaliser of a query that has seen only padding away from 0/0.
@@ -76,7 +77,7 @@ def lowrank_attention_forward(
     dropout: float = 0.0,
     *,
     is_causal: bool = True,
-    cache_layer: LowRankStateCacheLayer | None = None,
+    cache_layer=None,
     position_ids: torch.Tensor | None = None,
     implementation: str = "sdpa",
     **kwargs,
@@ -85,7 +86,8 @@ def lowrank_attention_forward(
 
     Args:
         attention_mask: (B, L) bool key padding mask (``True`` = real token) or ``None``.
-        cache_layer: causal generation state; read before and written after this call.
+        cache_layer: causal generation state (a linear-attention cache layer holding the
+            (B, Hkv, k, D + 1) state): read before and written after this call.
         position_ids: (B or 1, L) positions indexing the Linformer projections (bidirectional only).
     """
     if not is_causal:
@@ -111,16 +113,17 @@ def _linformer(module, query, key, value, attention_mask, scaling, dropout, posi
 def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
     # Prefix sums in low precision drift; the whole kernel runs in float32 even under autocast.
     with torch.autocast(device_type=query.device.type, enabled=False):
-        q, k, v, weight, mask, chunk, g = _float_inputs(module, query, key, value, attention_mask)
+        q, k, v, mask, chunk, g = _float_inputs(module, query, key, value, attention_mask)
         sizes = feature_factors(module.config)
-        past = cache_layer.state if cache_layer is not None else None
+        past = lowrank_state(cache_layer) if cache_layer is not None else None
         if past is None:  # training, full-sequence inference, a prompt: streamed, O(block) memory
-            out, end_state = _StreamedCausalLowRank.apply(q, k, v, weight, mask, chunk, sizes)
+            out, end_state = _StreamedCausalLowRank.apply(q, k, v, mask, chunk, sizes)
         else:  # generation: this call's chunks at once, from the cached state
-            block = _Block(q, k, v, weight, sizes, mask, chunk, past.repeat_interleave(g, dim=1))
+            block = _Block(q, k, v, sizes, mask, chunk, past.repeat_interleave(g, dim=1))
             (out, _), end_state = _normalise(block.y(), q.shape[2]), block.end_state
         if cache_layer is not None:
-            cache_layer.state = end_state[:, ::g].contiguous()  # the g heads of a group hold one state
+            # the g heads of a group hold one state
+            set_lowrank_state(cache_layer, end_state[:, ::g].contiguous(), query.shape[2])
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
 
@@ -139,21 +142,27 @@ def feature_factors(config) -> tuple[int, ...]:
 
 
 def _float_inputs(module, query, key, value, attention_mask):
-    """float32 q (B, H, L, D), k and v repeated to the query heads, feature weight (sum of factor
-    sizes, D), float padding mask or None, chunk length and group size g = H / Hkv (features of a
-    shared key are recomputed per query head: simple and exact)."""
+    """float32 feature logits of the queries (B, H, L, M) and keys (repeated to the query heads),
+    values (B, H, L, D), float padding mask or None, chunk length and group size g = H / Hkv.
+
+    The logits come from calling ``module.feature_map`` (an ``nn.Linear`` from D to M = the sum of
+    the factor sizes) as a module, so its hooks run (accelerate offload, PEFT adapters) and autograd
+    differentiates it; the kernel below only sees logits.
+    """
     g = query.shape[1] // key.shape[1]
-    q, k, v = query.float(), key.float(), value.float()
+    dtype = next(module.feature_map.parameters()).dtype  # autocast is off here: inputs in the weight's dtype
+    q, k = module.feature_map(query.to(dtype)).float(), module.feature_map(key.to(dtype)).float()
+    v = value.float()
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     mask = attention_mask.float() if attention_mask is not None else None
     chunk = min(module.config.lowrank_chunk_size, query.shape[2])
-    return q, k, v, module.feature_map.weight.float(), mask, chunk, g
+    return q, k, v, mask, chunk, g
 
 
-def _factor_softmax(x, weight, sizes):
-    """One softmax per factor of the logits ``x W^T``: a list of (..., m_f)."""
-    return [torch.softmax(part, dim=-1) for part in (x @ weight.t()).split(sizes, dim=-1)]
+def _factor_softmax(logits, sizes):
+    """One softmax per factor of the feature logits: a list of (..., m_f)."""
+    return [torch.softmax(part, dim=-1) for part in logits.split(sizes, dim=-1)]
 
 
 def _outer(factors):
@@ -180,10 +189,10 @@ class _Block:
     features, the values with a ones column, the in-chunk score factors and their masked product,
     the state each chunk starts from, and ``end_state`` after the block."""
 
-    def __init__(self, q, k, v, weight, sizes, mask, chunk, state):
+    def __init__(self, q, k, v, sizes, mask, chunk, state):
         rows = q.shape[2]
-        self.qf_soft = _factor_softmax(q, weight, sizes)  # (B, H, R, m_f) each
-        self.kf_soft = _factor_softmax(k, weight, sizes)
+        self.qf_soft = _factor_softmax(q, sizes)  # (B, H, R, m_f) each, from the logits q, k
+        self.kf_soft = _factor_softmax(k, sizes)
         kf = list(self.kf_soft)
         if mask is not None:
             kf[0] = kf[0] * mask[:, None, :, None]
@@ -256,16 +265,17 @@ def _softmax_backward(factors, dfactors, rows):
 class _StreamedCausalLowRank(torch.autograd.Function):
     """Causal feature-map attention over row blocks; the backward recomputes one block at a time.
 
-    Inputs: q, k, v (B, H, L, D) float32 (k, v already repeated to the query heads), weight
-    (sum of factor sizes, D), mask (B, L) float or None, chunk, factor sizes. Outputs: (B, H, L, D)
+    Inputs: feature logits q, k (B, H, L, M) and values v (B, H, L, D), float32 (k, v already
+    repeated to the query heads), mask (B, L) float or None, chunk, factor sizes (summing to M).
+    Outputs: (B, H, L, D)
     and the state after the last row (B, H, k, D + 1), for a generation cache (not differentiable).
-    Saved: q, k, v, weight, mask, the output and its normaliser (B, H, L), and the (k, D + 1)
+    Saved: q, k (logits), v, mask, the output and its normaliser (B, H, L), and the (k, D + 1)
     state at the start of each block.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, weight, mask, chunk, sizes):
-        b, h, length, d = q.shape
+    def forward(ctx, q, k, v, mask, chunk, sizes):
+        b, h, length, d = v.shape
         rows = max(chunk, _STREAM_ROWS // chunk * chunk)
         state = q.new_zeros(b, h, math.prod(sizes), d + 1)  # (k, D + 1)
         out, z = q.new_empty(b, h, length, d), q.new_empty(b, h, length)
@@ -273,11 +283,11 @@ class _StreamedCausalLowRank(torch.autograd.Function):
         for r0 in range(0, length, rows):
             r1 = min(r0 + rows, length)
             starts.append(state)
-            block = _Block(q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1], weight, sizes,
+            block = _Block(q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1], sizes,
                            mask[:, r0:r1] if mask is not None else None, chunk, state)
             state = block.end_state
             out[:, :, r0:r1], z[:, :, r0:r1] = _normalise(block.y(), r1 - r0)
-        ctx.save_for_backward(q, k, v, weight, mask, out, z, torch.stack(starts))
+        ctx.save_for_backward(q, k, v, mask, out, z, torch.stack(starts))
         ctx.args = (chunk, rows, sizes)
         ctx.mark_non_differentiable(state)  # the cache's copy: later calls do not backpropagate into it
         return out, state
@@ -285,11 +295,10 @@ class _StreamedCausalLowRank(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_state):
-        q, k, v, weight, mask, out, z, starts = ctx.saved_tensors
+        q, k, v, mask, out, z, starts = ctx.saved_tensors
         chunk, rows, sizes = ctx.args
         length = q.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dweight = torch.zeros_like(weight)
         carry = torch.zeros_like(starts[0])  # d loss / d (state after this block)
         for index in reversed(range(starts.shape[0])):
             r0 = index * rows
@@ -297,7 +306,7 @@ class _StreamedCausalLowRank(torch.autograd.Function):
             n = r1 - r0
             qb, kb, vb = q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1]
             mb = mask[:, r0:r1] if mask is not None else None
-            blk = _Block(qb, kb, vb, weight, sizes, mb, chunk, starts[index])
+            blk = _Block(qb, kb, vb, sizes, mb, chunk, starts[index])
             # out = y[..., :D] / z with z = y[..., D] + eps, so dy = (go / z, -(go . out) / z)
             go, zb = grad_out[:, :, r0:r1], z[:, :, r0:r1, None]
             dy = _chunks(torch.cat([go / zb, -(go * out[:, :, r0:r1]).sum(-1, keepdim=True) / zb], dim=-1), n, chunk)
@@ -320,27 +329,6 @@ class _StreamedCausalLowRank(torch.autograd.Function):
             dv[:, :, r0:r1] = dv1.flatten(2, 3)[:, :, :n, :-1]
             if mb is not None:
                 dkf[0] = dkf[0] * _chunks(mb[:, None, :, None], n, chunk)
-            for feats, dfeats, x, dx in ((blk.qf_soft, dqf, qb, dq), (blk.kf_soft, dkf, kb, dk)):
-                dlogits = _softmax_backward(feats, dfeats, n)
-                dx[:, :, r0:r1] = dlogits @ weight
-                dweight += dlogits.reshape(-1, dlogits.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        return dq, dk, dv, dweight, None, None, None
-
-
-class LowRankStateCacheLayer:
-    """Causal low-rank generation state: (B, Hkv, k, D + 1) holding S (first D channels) and z
-    (last channel); constant size, whatever the generated length."""
-
-    def __init__(self) -> None:
-        self.state: torch.Tensor | None = None
-
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values are folded into the state by the kernel, never stored."""
-        return key, value
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.state] if self.state is not None else []
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.state is not None:
-            self.state = self.state.index_select(0, index.to(self.state.device))
+            for feats, dfeats, dx in ((blk.qf_soft, dqf, dq), (blk.kf_soft, dkf, dk)):
+                dx[:, :, r0:r1] = _softmax_backward(feats, dfeats, n)  # d logits
+        return dq, dk, dv, None, None, None

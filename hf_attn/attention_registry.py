@@ -2,8 +2,9 @@
 
 Each entry names the kernel (shared signature
 ``kernel(module, query, key, value, mask, scaling, dropout, **kwargs) -> (output, weights)``),
-how to build the mask it takes (once per forward, shared by every layer), the generation cache
-layer it keeps, and an optional hook that adds mode-specific parameters to the attention module.
+how to build the mask it takes (once per forward, shared by every layer), and an optional hook that
+adds mode-specific parameters to the attention module. The generation cache layer of each mode is
+named by ``HfAttnConfig.layer_types`` (see ``cache_hf_attn``).
 """
 
 from __future__ import annotations
@@ -13,21 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention_eager import (
-    FullKVCacheLayer,
-    build_full_attention_mask,
-    eager_attention_forward,
-    sdpa_attention_forward,
-)
-from .attention_local import SlidingWindowCacheLayer, build_local_block_mask, local_attention_forward
-from .attention_lowrank import LowRankStateCacheLayer, init_lowrank_module, lowrank_attention_forward
+from .attention_eager import eager_attention_forward, sdpa_attention_forward
+from .attention_local import build_local_block_mask, local_attention_forward
+from .attention_lowrank import init_lowrank_module, lowrank_attention_forward
 
 # build_mask(key_padding_mask (B, past + L) bool or None, query_length, past_length, config, batch, device) -> mask
 MaskBuilder = Callable[[torch.Tensor | None, int, int, object, int, torch.device], torch.Tensor | None]
-
-
-def _full_mask(key_mask, query_length, past_length, config, batch, device):
-    return build_full_attention_mask(key_mask, query_length, past_length + query_length, config.is_causal)
 
 
 def _local_mask(key_mask, query_length, past_length, config, batch, device):
@@ -47,22 +39,20 @@ class AttentionSpec:
     """How one attention mode plugs into ``HfAttnAttention``."""
 
     kernel: Callable
-    build_mask: MaskBuilder
-    make_cache_layer: Callable  # config -> cache layer with update(key, value), tensors(), reorder(index)
+    # None for the full modes: their mask comes from transformers' create_causal_mask
+    build_mask: MaskBuilder | None = None
     init_module: Callable | None = None
     # full softmax modes honour any transformers attn_implementation (eager, sdpa, flash, ...)
     full_attention: bool = False
+    # whether several sequences packed in one row (position ids restarting at 0) can be kept apart
+    supports_packing: bool = False
 
 
 ATTENTION_REGISTRY: dict[str, AttentionSpec] = {
-    "eager": AttentionSpec(sdpa_attention_forward, _full_mask, lambda config: FullKVCacheLayer(), full_attention=True),
-    "rope": AttentionSpec(sdpa_attention_forward, _full_mask, lambda config: FullKVCacheLayer(), full_attention=True),
-    "local": AttentionSpec(
-        local_attention_forward, _local_mask, lambda config: SlidingWindowCacheLayer(config.sliding_window)
-    ),
-    "lowrank": AttentionSpec(
-        lowrank_attention_forward, _new_keys_mask, lambda config: LowRankStateCacheLayer(), init_lowrank_module
-    ),
+    "eager": AttentionSpec(sdpa_attention_forward, full_attention=True, supports_packing=True),
+    "rope": AttentionSpec(sdpa_attention_forward, full_attention=True, supports_packing=True),
+    "local": AttentionSpec(local_attention_forward, _local_mask),
+    "lowrank": AttentionSpec(lowrank_attention_forward, _new_keys_mask, init_lowrank_module),
 }
 
 # Kernels of the full modes by HF ``attn_implementation`` name; other names go through

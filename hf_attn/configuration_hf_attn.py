@@ -54,14 +54,25 @@ def _base_config_fields() -> set[str]:
     return known
 
 
+def _version_tuple(version: str | None) -> tuple[int, ...]:
+    parts = []
+    for piece in str(version or "0").split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def _reject_unknown_fields(kwargs: dict, written_by: str | None) -> None:
-    """A field we do not know means a newer format (or a typo): refuse rather than ignore it."""
+    """Extra attributes are kept, as every transformers config does (``config.note = "x"`` saves and
+    reloads). Only a config written by a *newer* hf_attn that carries fields this version does not
+    know is refused: those fields may change what the model computes, so ignoring them is unsafe."""
+    if written_by is None or _version_tuple(written_by) <= _version_tuple(HF_ATTN_VERSION):
+        return
     unknown = sorted(k for k in kwargs if not k.startswith("_") and k not in _base_config_fields())
     if unknown:
-        origin = f"hf_attn {written_by}" if written_by else "an unknown hf_attn version"
         raise ValueError(
-            f"HfAttnConfig got unknown fields {unknown} (config written by {origin}; this is hf_attn "
-            f"{HF_ATTN_VERSION}). Upgrade hf_attn to load it, or remove the fields if they are typos."
+            f"HfAttnConfig got unknown fields {unknown} (config written by hf_attn {written_by}; this is hf_attn "
+            f"{HF_ATTN_VERSION}). Upgrade hf_attn to load it."
         )
 
 
@@ -196,6 +207,16 @@ class HfAttnConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def layer_types(self) -> list[str]:
+        """Cache-layer type of every decoder layer, as transformers' ``DynamicCache(config=...)`` and
+        ``StaticCache`` read it: full modes keep every key ("full_attention"), ``local`` the last
+        ``sliding_window - 1`` ("sliding_attention"), causal ``lowrank`` a constant-size recurrent
+        state ("linear_attention"). Derived from ``attention_mode``, never stored, so it cannot
+        disagree with it."""
+        kind = {"local": "sliding_attention", "lowrank": "linear_attention"}.get(self.attention_mode, "full_attention")
+        return [kind] * self.num_hidden_layers
+
+    @property
     def rope_theta(self) -> float:
         """Base of the rotary frequencies (stored in ``rope_parameters``)."""
         return self.rope_parameters["rope_theta"]
@@ -232,8 +253,9 @@ class HfAttnConfig(PretrainedConfig):
             _fail("hidden_act", self.hidden_act, f"one of {list(HIDDEN_ACTS)}")
         for name in ("hidden_dropout", "attention_dropout"):
             _check_prob(name, getattr(self, name))
-        if not isinstance(self.rms_norm_eps, (int, float)) or not 0 < self.rms_norm_eps < 1:
-            _fail("rms_norm_eps", self.rms_norm_eps, "a float in (0, 1)")
+        if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) \
+                or not math.isfinite(self.rms_norm_eps) or self.rms_norm_eps <= 0:
+            _fail("rms_norm_eps", self.rms_norm_eps, "a finite float > 0")
         if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
             _fail("initializer_range", self.initializer_range, "a float > 0")
         if self.position_embedding_type == "rope" and self.head_dim % 2:

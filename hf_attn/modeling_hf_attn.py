@@ -23,13 +23,23 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention_lowrank import linformer_init_std
 from .attention_registry import FULL_ATTENTION_KERNELS, get_attention_spec
 from .attention_rope import HfAttnRotary, apply_rotary
-from .cache_hf_attn import HfAttnCache
+from .cache_hf_attn import BoundedTensorCache, HfAttnCache, check_cache, past_length
 from .configuration_hf_attn import HfAttnConfig
+
+# Bytes of size-only masks one model keeps for reuse (local mode's blocked mask is O(n * w) bytes).
+_MASK_CACHE_BYTES = 64 * 2**20
 
 # Auto classes written into every saved config, so any of them loads a saved folder with remote code.
 AUTO_MAP = {
@@ -55,12 +65,8 @@ class HfAttnRMSNorm(nn.Module):
 
 
 class HfAttnMLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer, 2020); gate and up projections stored as one weight.
-
-    The forward runs two matmuls on the weight's halves (views) rather than one on the whole: the
-    halves of one fused output are strided, which made the activation and its backward slower and
-    the backward needed a gradient ``cat`` (profiled against Llama's separate projections).
-    """
+    """SwiGLU feed-forward (Shazeer, 2020); gate and up projections stored as one ``gate_up_proj``
+    module (its output's two halves), so hooks and adapters (LoRA) on it see every call."""
 
     def __init__(self, config: HfAttnConfig) -> None:
         super().__init__()
@@ -69,13 +75,13 @@ class HfAttnMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_weight, up_weight = self.gate_up_proj.weight.chunk(2, dim=0)  # (I, hidden) views
-        return self.down_proj(self.act_fn(F.linear(x, gate_weight)) * F.linear(x, up_weight))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, I) each
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class HfAttnAttention(nn.Module):
-    """Multi-head (grouped-query) attention: projections, rotary positions and the cache live here;
-    the attention math is the registry kernel of ``config.attention_mode``."""
+    """Multi-head (grouped-query) attention: projections, rotary positions and the cache update live
+    here; the attention math is the registry kernel of ``config.attention_mode``."""
 
     def __init__(self, config: HfAttnConfig, layer_idx: int) -> None:
         super().__init__()
@@ -94,12 +100,14 @@ class HfAttnAttention(nn.Module):
         if self.spec.init_module is not None:
             self.spec.init_module(self, config)
 
-    def _kernel(self, output_attentions: bool) -> tuple:
-        """(kernel, implementation name) for this call; weights need the explicit ("eager") math."""
+    def _kernel(self, output_attentions: bool, dense_mask: bool) -> tuple:
+        """(kernel, implementation name) for this call; weights need the explicit ("eager") math.
+        ``dense_mask``: the model built a full (B, 1, Lq, Lk) mask (static caches of local attention),
+        so the full-attention kernels apply to any mode that takes it."""
         impl = self.config._attn_implementation or "sdpa"
         if output_attentions:
             impl = "eager"
-        if self.spec.full_attention:
+        if self.spec.full_attention or dense_mask:
             if impl in FULL_ATTENTION_KERNELS:
                 return FULL_ATTENTION_KERNELS[impl], impl
             return ALL_ATTENTION_FUNCTIONS.get_interface(impl, FULL_ATTENTION_KERNELS["sdpa"]), impl
@@ -111,9 +119,13 @@ class HfAttnAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: HfAttnCache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
+        dense_mask: bool = False,
+        **attention_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``attention_kwargs``: what transformers passes on to attention functions (e.g. flash
+        attention's ``cu_seq_lens_q``); the model only lets them through for the full modes."""
         b, length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         key = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
@@ -122,24 +134,26 @@ class HfAttnAttention(nn.Module):
             query, key = apply_rotary(query, key, *position_embeddings)
 
         cache_layer = None
-        if past_key_values is not None:
-            cache_layer = past_key_values.layer(self.layer_idx, self.spec.make_cache_layer)
-            key, value = cache_layer.update(key, value)  # (B, Hkv, T', D): what this mode keeps + new
+        if cache is not None:
+            cache_layer = cache.layers[self.layer_idx]
+            if isinstance(cache_layer, CacheLayerMixin):  # key/value layers (a low-rank state is the kernel's)
+                key, value = cache.update(key, value, self.layer_idx)  # (B, Hkv, T', D): kept + new
 
-        kernel, impl = self._kernel(output_attentions)
+        kernel, impl = self._kernel(output_attentions, dense_mask)
         out, weights = kernel(
             self,
             query,
             key,
             value,
             attention_mask,
-            self.scaling,
-            self.config.attention_dropout if self.training else 0.0,
+            # by keyword: transformers' AttentionInterface kernels take (..., mask, dropout, scaling)
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
             is_causal=self.is_causal,
             cache_layer=cache_layer,
             position_ids=position_ids,
             implementation=impl,
-            scratch_output=True,  # out only feeds o_proj: its backward may reuse out's memory
+            **attention_kwargs,
         )  # out (B, L, H, D)
         return self.o_proj(out.reshape(b, length, -1)), weights
 
@@ -161,17 +175,19 @@ class HfAttnDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: HfAttnCache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
         use_cache: bool = False,
+        **attention_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_out, weights = self.self_attn(
             self.input_layernorm(hidden_states),
             attention_mask,
             position_ids,
             position_embeddings,
-            past_key_values,
+            cache,
             output_attentions,
+            **attention_kwargs,
         )
         hidden_states = hidden_states + self.dropout(attn_out)
         hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
@@ -186,7 +202,7 @@ class HfAttnPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HfAttnDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_attention_backend = True
 
@@ -196,11 +212,21 @@ class HfAttnPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         # Free-form facts for the model card (datasets, eval results); set by training scripts.
         self.model_card_data: dict | None = None
+        # What the modules were built for; forward and save_pretrained refuse a config changed since.
+        self._built_for = _structural_fields(config)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() must not create a DynamicCache: each mode keeps its own state (see HfAttnCache)
-        return False
+    def check_config_unchanged(self) -> None:
+        """Raise ``ValueError`` if a field that shaped the modules was changed on ``self.config`` after
+        construction (the weights and modules would compute one function, the saved config name another)."""
+        now = _structural_fields(self.config)
+        changed = [k for k in now if now[k] != self._built_for.get(k)]
+        if changed:
+            detail = ", ".join(f"{k}: {self._built_for.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(
+                f"config fields {changed} were changed after the model was built ({detail}); they fix the modules, "
+                "so the change would not take effect. Build a new model instead, e.g. "
+                "AutoModelForCausalLM.from_pretrained(path, attention_mode=...) or HfAttnForCausalLM(config)."
+            )
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -225,6 +251,7 @@ class HfAttnPreTrainedModel(PreTrainedModel):
         """
         kwargs.setdefault("use_safetensors", True)
         return_info = kwargs.pop("output_loading_info", False)
+        reheading = kwargs.get("ignore_mismatched_sizes", False)
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -242,14 +269,18 @@ class HfAttnPreTrainedModel(PreTrainedModel):
                 "(see the size-mismatch report above): the checkpoint and config.json disagree"
             ) from err
         missing = [k for k in info["missing_keys"] if not k.startswith(cls._allowed_missing_prefixes)]
-        if missing or info.get("mismatched_keys"):
+        # ignore_mismatched_sizes=True asks for re-initialised weights where shapes differ (a new head)
+        if missing or (info.get("mismatched_keys") and not reheading):
             raise ValueError(
                 f"the weights in {pretrained_model_name_or_path} do not match this {model.config.attention_mode!r} "
                 f"model: missing {sorted(missing)}, shape mismatches {sorted(info.get('mismatched_keys') or [])}. "
                 "Modes share weights only where shapes agree (eager, rope and local attention layers); "
                 "lowrank adds parameters that other checkpoints do not have."
             )
-        saved = cls.config_class.get_config_dict(pretrained_model_name_or_path)[0]
+        # from_pretrained(None, config=..., state_dict=...) has no saved config to compare with
+        saved = {} if pretrained_model_name_or_path is None else cls.config_class.get_config_dict(
+            pretrained_model_name_or_path, **{k: kwargs[k] for k in ("revision", "token", "local_files_only") if k in kwargs}
+        )[0]
         switched = {
             key: (saved.get(key), getattr(model.config, key))
             for key in ("attention_mode", "position_embedding_type", "is_causal")
@@ -279,6 +310,7 @@ class HfAttnPreTrainedModel(PreTrainedModel):
         """
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "commit_description",
                                                   "create_pr", "private", "revision") if k in kwargs}
+        self.check_config_unchanged()
         if self._auto_class is not None:
             self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -301,13 +333,62 @@ class HfAttnPreTrainedModel(PreTrainedModel):
         return push_model_to_hub(self, repo_id, **kwargs)
 
 
+def _structural_fields(config: HfAttnConfig) -> dict:
+    """Config fields that decide which modules and kernels a model builds."""
+    # (vocab_size is left out: resize_token_embeddings changes it together with the modules)
+    fields = ("attention_mode", "sliding_window", "position_embedding_type", "is_causal", "lowrank_dim",
+              "lowrank_feature_map", "max_position_embeddings", "hidden_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    out = {k: getattr(config, k, None) for k in fields}
+    out["rope_parameters"] = dict(config.rope_parameters or {})
+    return out
+
+
+# Name under which the installed transformers passes the cache to forward and reads it from outputs:
+# ``cache`` from 5.24, ``past_key_values`` before.
+CACHE_KWARG = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# Keywords transformers hands to a model for its attention functions (packed / flash attention).
+_ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _resolve_cache(cache, past_key_values):
+    """The cache, whichever name it came under; the other name is a deprecated alias."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("pass the cache once, as cache= or as past_key_values=, not both")
+    if CACHE_KWARG == "cache":
+        warnings.warn("past_key_values= is deprecated since transformers 5.24; pass cache=", FutureWarning, stacklevel=3)
+    return past_key_values
+
+
+def _split_kwargs(config: HfAttnConfig, kwargs: dict) -> dict:
+    """The attention keywords among ``kwargs``; any other keyword is a ``TypeError`` naming it."""
+    unknown = sorted(k for k in kwargs if k not in _ATTENTION_KWARGS and k != "is_causal")
+    if unknown:
+        raise TypeError(f"HfAttnModel.forward() got unexpected keyword arguments {unknown}")
+    if "is_causal" in kwargs and kwargs["is_causal"] is not None and kwargs["is_causal"] != config.is_causal:
+        raise ValueError(f"is_causal={kwargs['is_causal']}: this model was built with is_causal={config.is_causal}; "
+                         "set it in the config and build a new model")
+    attention = {k: v for k, v in kwargs.items() if k in _ATTENTION_KWARGS and v is not None}
+    if attention and not get_attention_spec(config.attention_mode).full_attention:
+        raise ValueError(f"{sorted(attention)}: flash-attention packing keywords need a full attention mode "
+                         f"('eager' or 'rope'), not attention_mode={config.attention_mode!r}")
+    return attention
+
+
+def _checking() -> bool:
+    """Value checks that read tensors on the host run only in eager execution, not while tracing."""
+    return not torch.compiler.is_compiling()
+
+
 def _check_inputs(
     config: HfAttnConfig,
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    past_length: int,
+    past_length,
 ) -> None:
     """Reject malformed inputs with a ValueError before any compute (no IndexError deep inside)."""
     if (input_ids is None) == (inputs_embeds is None):
@@ -318,7 +399,7 @@ def _check_inputs(
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
             raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
         batch, length = input_ids.shape
-        if input_ids.numel():
+        if input_ids.numel() and _checking():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= config.vocab_size:
                 bad = low if low < 0 else high
@@ -328,22 +409,37 @@ def _check_inputs(
             raise ValueError(
                 f"inputs_embeds must be (batch, seq_len, hidden_size={config.hidden_size}), got {tuple(inputs_embeds.shape)}"
             )
+        if not inputs_embeds.dtype.is_floating_point:
+            raise ValueError(f"inputs_embeds must be a floating-point tensor, got dtype {inputs_embeds.dtype}")
         batch, length = inputs_embeds.shape[:2]
     if batch == 0 or length == 0:
         raise ValueError(f"empty input: batch={batch}, seq_len={length}; need at least one token per row")
-    if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape != (batch, past_length + length):
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        past = int(past_length) if _checking() else None
+        if attention_mask.shape[0] != batch or (past is not None and attention_mask.shape[1] != past + length):
             raise ValueError(
-                f"attention_mask must be 2-D (batch={batch}, past+seq_len={past_length + length}), "
+                f"attention_mask must be (batch={batch}, past+seq_len={past + length if past is not None else '?'}), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
-        if attention_mask.dtype.is_floating_point and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        if _checking() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask values must be 0 (padding) or 1 (real token)")
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 4:
+        raise ValueError(
+            "attention_mask must be 2-D (batch, past+seq_len) of 0/1, or a prepared 4-D (batch, 1, seq_len, keys) "
+            f"mask, got shape {tuple(attention_mask.shape)}"
+        )
     if position_ids is not None:
+        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool or position_ids.is_complex():
+            raise ValueError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
         if position_ids.dim() != 2 or position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
             raise ValueError(f"position_ids must be (batch or 1, seq_len={length}), got shape {tuple(position_ids.shape)}")
-        if int(position_ids.min()) < 0:
+        if _checking() and int(position_ids.min()) < 0:
             raise ValueError("position_ids must be >= 0")
+
+
+def _is_packed(position_ids: torch.Tensor) -> bool:
+    """Whether a row holds several sequences (positions that do not step by one, e.g. restart at 0)."""
+    return position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any())
 
 
 class HfAttnModel(HfAttnPreTrainedModel):
@@ -363,6 +459,10 @@ class HfAttnModel(HfAttnPreTrainedModel):
         self.norm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.gradient_checkpointing = False
+        self.spec = get_attention_spec(config.attention_mode)
+        # Masks that depend on sizes only (local mode, no padding), reused across layers, steps and
+        # calls; bounded in bytes and owned by this model, so they go when the model goes.
+        self._mask_cache = BoundedTensorCache(_MASK_CACHE_BYTES)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -378,33 +478,86 @@ class HfAttnModel(HfAttnPreTrainedModel):
         )
         return self.config.max_position_embeddings if needs_table else None
 
+    def _build_mask(self, attention_mask, inputs_embeds, cache, position_ids, user_position_ids, past_length):
+        """The mask every layer shares, in the form this mode's kernel takes, and whether it is a dense
+        (B, 1, Lq, Lk) mask for the full-attention kernels.
+
+        Full modes: transformers' ``create_causal_mask`` (padding, packed rows, static caches, every
+        attn_implementation). Local: the O(n * w) blocked mask, or a dense sliding-window mask for a
+        static cache or a prepared 4-D mask. Low-rank: the key padding mask.
+        """
+        config, spec = self.config, self.spec
+        batch, length = inputs_embeds.shape[:2]
+        if isinstance(attention_mask, dict):  # generate() with a compileable cache: one mask per layer type
+            attention_mask = attention_mask[config.layer_types[0]]
+        if spec.full_attention:
+            if not config.is_causal:
+                return create_bidirectional_mask(config, inputs_embeds, attention_mask), True
+            # positions are passed only when the caller gave them: they are how packed rows are found
+            return create_causal_mask(config, inputs_embeds, attention_mask, cache, user_position_ids), True
+        prepared = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+        static = cache is not None and cache.layers and getattr(cache.layers[0], "is_compileable", False)
+        if config.attention_mode == "local" and (prepared or static):
+            if prepared:
+                return attention_mask, True
+            return create_sliding_window_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids), True
+        if prepared:
+            raise ValueError(f"attention_mask: attention_mode={config.attention_mode!r} takes a 2-D (batch, keys) "
+                             "padding mask, not a prepared 4-D mask")
+        if (user_position_ids is not None and attention_mask is None and cache is None and _checking()
+                and _is_packed(user_position_ids)):
+            raise ValueError(
+                f"position_ids restart inside a row (packed sequences, e.g. DataCollatorWithFlattening): "
+                f"attention_mode={config.attention_mode!r} cannot keep packed sequences apart; pad the batch instead, "
+                "or use attention_mode 'eager' or 'rope', which support packing"
+            )
+        key_mask = None  # (B, T) bool, None when nothing is padded
+        if attention_mask is not None and not (_checking() and bool(attention_mask.all())):
+            key_mask = attention_mask.bool()
+        if key_mask is None and config.attention_mode == "local":
+            key = ("local", length, int(past_length), batch, inputs_embeds.device)
+            return self._mask_cache.get(key, lambda: spec.build_mask(None, length, int(past_length), config, batch,
+                                                                     inputs_embeds.device)), False
+        return spec.build_mask(key_mask, length, int(past_length), config, batch, inputs_embeds.device), False
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HfAttnCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Run the decoder.
 
         Args:
             input_ids: (B, L) token ids in ``[0, vocab_size)``.
-            attention_mask: (B, past + L), 1 for real tokens, 0 for padding (left or right).
-            position_ids: (B, L); by default positions count from each row's first real token.
-            past_key_values: an ``HfAttnCache`` from a previous call (causal models only).
+            attention_mask: (B, past + L), 1 for real tokens, 0 for padding (left or right); or a
+                prepared 4-D mask (full modes, local).
+            position_ids: (B, L); by default positions count from each row's first real token. Rows
+                whose positions restart at 0 hold packed sequences (full modes keep them apart, the
+                others refuse them).
+            cache: a transformers ``Cache`` (``DynamicCache(config=model.config)``, ``StaticCache``,
+                or one returned by an earlier call); ``past_key_values`` is its name before
+                transformers 5.24.
             output_attentions: return per-layer weights where the mode forms them (see README).
+            **kwargs: flash-attention packing keywords (``cu_seq_lens_q`` ...), passed to the kernel
+                of a full mode; anything else is a ``TypeError``.
 
         Raises:
-            ValueError: malformed inputs, positions beyond what the weights cover, or a cache on a
-                bidirectional model.
+            ValueError: malformed inputs, positions beyond what the weights cover, a cache built for
+                another mode, batch or width, or a cache on a bidirectional model.
         """
         config = self.config
+        self.check_config_unchanged()
+        cache = _resolve_cache(cache, past_key_values)
+        attention_kwargs = _split_kwargs(config, kwargs)
         output_attentions = bool(output_attentions if output_attentions is not None else config.output_attentions)
         output_hidden_states = bool(
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
@@ -412,34 +565,34 @@ class HfAttnModel(HfAttnPreTrainedModel):
         return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
         use_cache = use_cache if use_cache is not None else config.use_cache
         if not config.is_causal:
-            if past_key_values is not None:
-                raise ValueError("past_key_values: a bidirectional model (is_causal=False) has no generation cache")
+            if cache is not None:
+                raise ValueError("cache: a bidirectional model (is_causal=False) has no generation cache")
             use_cache = False
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if past_key_values is not None and not isinstance(past_key_values, HfAttnCache):
-            raise ValueError(f"past_key_values must be an HfAttnCache, got {type(past_key_values).__name__}")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, past_length)
-        if use_cache and past_key_values is None:
-            past_key_values = HfAttnCache(config)
+        if cache is not None and (input_ids is not None or inputs_embeds is not None):
+            check_cache(cache, config, (input_ids if input_ids is not None else inputs_embeds).shape[0])
+        past = past_length(cache, config)  # an int, or a tensor for static caches
+        _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, past)
+        if use_cache and cache is None:
+            cache = HfAttnCache(config)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        batch, length = inputs_embeds.shape[:2]
+        length = inputs_embeds.shape[1]
         device = inputs_embeds.device
 
-        key_mask = None  # (B, T) bool, None when nothing is padded
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_mask = attention_mask.bool()
+        user_position_ids = position_ids
         if position_ids is None:
-            if key_mask is not None:
+            padded = (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                      and not (_checking() and bool(attention_mask.all())))
+            if padded:
                 # count from each row's first real token, so padding never shifts real positions
-                position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
-                position_ids = torch.arange(past_length, past_length + length, device=device)[None]
+                position_ids = (torch.arange(length, device=device) + past)[None]
         limit = self._position_limit()
-        if limit is not None and int(position_ids.max()) >= limit:
+        if limit is not None and _checking() and int(position_ids.max()) >= limit:
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of this "
                 f"{config.attention_mode!r} model ({config.position_embedding_type} positions); "
@@ -451,9 +604,7 @@ class HfAttnModel(HfAttnPreTrainedModel):
             hidden_states = hidden_states + self.embed_positions(position_ids)
         hidden_states = self.dropout(hidden_states)
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
-
-        # one mask per forward, in the form this mode's kernel takes, shared by every layer
-        mask = self.layers[0].self_attn.spec.build_mask(key_mask, length, past_length, config, batch, device)
+        mask, dense = self._build_mask(attention_mask, inputs_embeds, cache, position_ids, user_position_ids, past)
 
         all_hidden = [] if output_hidden_states else None
         all_weights = [] if output_attentions else None
@@ -465,23 +616,23 @@ class HfAttnModel(HfAttnPreTrainedModel):
                 attention_mask=mask,
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values if use_cache else None,
+                cache=cache,
                 output_attentions=output_attentions,
                 use_cache=use_cache,
+                dense_mask=dense,
+                **attention_kwargs,
             )
             if output_attentions:
                 all_weights.append(weights)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
-        if use_cache:
-            past_key_values.advance(length)
 
         out = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_weights) if output_attentions else None,
+            **{CACHE_KWARG: cache},
         )
         return out if return_dict else out.to_tuple()
 
@@ -491,25 +642,25 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """Next-token cross-entropy: logits at t predict labels at t + 1; label -100 is ignored.
 
-    With ``num_items_in_batch`` (passed by ``Trainer`` under gradient accumulation) the summed loss
-    is divided by that count, so accumulated steps average over tokens, not over micro-batches.
+    transformers' ``ForCausalLMLoss`` (what ``HfAttnForCausalLM.loss_function`` is); with
+    ``num_items_in_batch`` (passed by ``Trainer`` under gradient accumulation) the summed loss is
+    divided by that count, so accumulated steps average over tokens, not over micro-batches.
     """
-    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)  # (B, L)
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        shifted.reshape(-1),
-        ignore_index=-100,
-        reduction="sum" if num_items_in_batch is not None else "mean",
-    )
-    if num_items_in_batch is not None:
-        loss = loss / num_items_in_batch
-    return loss
+    return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
+def _keep_last(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """``logits_to_keep``: 0 keeps every position, n > 0 the last n, a tensor the listed positions."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+    return hidden_states[:, logits_to_keep]
 
 
 class HfAttnForCausalLM(HfAttnPreTrainedModel, GenerationMixin):
     """Decoder with a language-modelling head (tied to the input embedding by default)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    loss_type = "ForCausalLM"  # transformers' shifted next-token loss (honours shift_labels)
 
     def __init__(self, config: HfAttnConfig) -> None:
         super().__init__(config)
@@ -534,43 +685,49 @@ class HfAttnForCausalLM(HfAttnPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HfAttnCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
-        """Logits (B, L, vocab); with ``labels`` (B, L) also the shifted cross-entropy loss."""
-        if labels is not None and not self.config.is_causal:
+        """Logits (B, L, vocab); with ``labels`` (B, L) also the shifted cross-entropy loss.
+
+        Loss keywords (from ``Trainer`` and padding-free collators): ``num_items_in_batch``,
+        ``shift_labels`` (labels already aligned with the logits: not shifted again) and
+        ``ignore_index``. Other keywords go to ``HfAttnModel.forward``.
+        """
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in kwargs}
+        wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
+        if wants_loss and not self.config.is_causal:
             raise ValueError("labels: next-token loss needs a causal model (config.is_causal=True)")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if logits_to_keep:  # generate() only needs the last position
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(_keep_last(outputs.last_hidden_state, logits_to_keep))
         loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
+        if wants_loss:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
         )
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if return_dict else out.to_tuple()
@@ -599,7 +756,7 @@ class HfAttnForSequenceClassification(HfAttnPreTrainedModel):
 
     def _last_token_index(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, length: int):
         """(B,) index of each row's last real token; works for left and right padding."""
-        if attention_mask is not None:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             real = attention_mask[:, -length:].bool()
         elif input_ids is not None and self.config.pad_token_id is not None:
             real = input_ids != self.config.pad_token_id
@@ -613,13 +770,14 @@ class HfAttnForSequenceClassification(HfAttnPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HfAttnCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
         """Logits (B, num_labels); with ``labels`` also the loss (cross-entropy, MSE if num_labels == 1,
@@ -628,12 +786,13 @@ class HfAttnForSequenceClassification(HfAttnPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, L, hidden)
         batch, length = hidden_states.shape[:2]
@@ -655,9 +814,9 @@ class HfAttnForSequenceClassification(HfAttnPreTrainedModel):
         out = SequenceClassifierOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
         )
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         return out if return_dict else out.to_tuple()

@@ -9,6 +9,21 @@ import torch
 
 import hf_attn  # noqa: F401  (registers the Auto classes)
 from hf_attn import HfAttnConfig
+from hf_attn.modeling_hf_attn import CACHE_KWARG
+
+# The cache's keyword and output field in the installed transformers ("cache" from 5.24,
+# "past_key_values" before): tests pass and read it under that name, so they run on both.
+CACHE = CACHE_KWARG
+
+
+def cache_of(output):
+    """The cache a forward returned."""
+    return getattr(output, CACHE)
+
+
+def with_cache(cache) -> dict:
+    """Keyword arguments passing ``cache`` to a forward."""
+    return {CACHE: cache}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -8,7 +8,10 @@ from conftest import tiny_config
 from shape_probe import ShapeProbe
 
 from hf_attn.attention_eager import eager_attention_forward
-from hf_attn.attention_local import SlidingWindowCacheLayer, local_attention_forward
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from hf_attn.attention_local import local_attention_forward
 from hf_attn.modeling_hf_attn import HfAttnAttention, HfAttnForCausalLM
 
 
@@ -65,7 +68,9 @@ def test_no_square_tensor_anywhere(implementation):
 
 
 def test_cache_layer_keeps_window_minus_one():
-    layer = SlidingWindowCacheLayer(window=4)
+    cache = DynamicCache(config=tiny_config("local", sliding_window=4))  # what generate() builds
+    layer = cache.layers[0]
+    assert isinstance(layer, DynamicSlidingWindowLayer) and layer.sliding_window == 4
     k = torch.arange(10.0).view(1, 1, 10, 1)
     full_k, _ = layer.update(k, k)
     assert full_k.shape[2] == 10 and layer.keys.flatten().tolist() == [7.0, 8.0, 9.0]

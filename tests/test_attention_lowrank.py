@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import cache_of, tiny_config
 from shape_probe import ShapeProbe
 
-from hf_attn.attention_lowrank import LowRankStateCacheLayer, feature_factors, lowrank_attention_forward
+from transformers.cache_utils import LinearAttentionLayer
+
+from hf_attn.attention_lowrank import feature_factors, lowrank_attention_forward
 from hf_attn.modeling_hf_attn import HfAttnAttention
 
 FEATURE_MAPS = ["product", "softmax"]
@@ -68,13 +70,14 @@ def test_state_continues_exactly(feature_map):
     mod = module(lowrank_chunk_size=4, lowrank_feature_map=feature_map)
     q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
     whole, _ = lowrank_attention_forward(mod, q, k, v, None, 8**-0.5)
-    layer = LowRankStateCacheLayer()
+    layer = LinearAttentionLayer()  # what DynamicCache(config=...) holds for lowrank
     parts = [lowrank_attention_forward(mod, q[:, :, :6], k[:, :, :6], v[:, :, :6], None, 8**-0.5, cache_layer=layer)[0]]
     for t in range(6, 10):
         sl = slice(t, t + 1)
         parts.append(lowrank_attention_forward(mod, q[:, :, sl], k[:, :, sl], v[:, :, sl], None, 8**-0.5, cache_layer=layer)[0])
     torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=1e-5, atol=1e-5)
-    assert [t.shape for t in layer.tensors()] == [(1, 2, 8, 9)]  # S (k x D) and z (k) side by side
+    assert layer.recurrent_states[0].shape == (1, 2, 8, 9)  # S (k x D) and z (k) side by side
+    assert layer.hf_attn_seen_tokens == 10
 
 
 def test_causal_kernel_never_builds_square_tensor():
@@ -131,7 +134,8 @@ def test_streamed_path_gradients_match_quadratic_definition(monkeypatch, length,
 
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 def test_streamed_path_saves_inputs_and_block_states_only(monkeypatch, feature_map):
-    """Saved for backward: q, k, v, the feature map, the output with its normaliser and one
+    """Saved for backward: the query and key feature logits (M = m1 + m2, or k, per token), v, the
+    output with its normaliser and one
     (k, D + 1) state per block of rows; the largest tensor of forward + backward does not grow with
     n (no (n, k) feature map)."""
     import hf_attn.attention_lowrank as lowrank
@@ -150,11 +154,13 @@ def test_streamed_path_saves_inputs_and_block_states_only(monkeypatch, feature_m
             saved = sum(t.numel() for t in node.saved_tensors if t is not None)
             out.sum().backward()
         blocks = -(-n // lowrank._STREAM_ROWS)
-        weight = mod.feature_map.weight.numel()  # (k, D) or (m1 + m2, D)
-        # q, k, v, out (B, H, n, D), normaliser (B, H, n), W, states (H, k, D + 1)
-        assert saved == 4 * q.numel() + q.numel() // 8 + weight + blocks * 4 * 8 * 9
-        # q, k, v and their gradients are (n, H, D); anything bigger would be an (n, k) buffer
-        largest[n] = max(s for shape in probe.shapes if (s := torch.Size(shape).numel()) != q.numel())
+        m = mod.feature_map.weight.shape[0]  # logits per token: k, or m1 + m2
+        # logits (B, H, n, M) x 2, v, out (B, H, n, D), normaliser (B, H, n), states (H, k, D + 1)
+        assert saved == 2 * q.numel() // 8 * m + 2 * q.numel() + q.numel() // 8 + blocks * 4 * 8 * 9
+        # q, k, v, their feature logits and the gradients are (n, H, D) or (n, H, M); anything else
+        # that grows with n would be an (n, k) buffer
+        per_n = {q.numel(), q.numel() // 8 * m}
+        largest[n] = max(s for shape in probe.shapes if (s := torch.Size(shape).numel()) not in per_n)
     assert largest[512] == largest[256]
 
 
@@ -208,7 +214,7 @@ def test_first_call_with_a_cache_takes_the_streamed_path():
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         if use_cache:
-            state = out.past_key_values.hf_attn_layers[0].state
+            state = cache_of(out).layers[0].recurrent_states[0]
             assert state.shape == (2, 2, 8, 9) and not state.requires_grad
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)

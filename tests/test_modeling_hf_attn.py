@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import MODE_IDS, MODE_VARIANTS, tiny_config
+from conftest import MODE_IDS, MODE_VARIANTS, cache_of, tiny_config, with_cache
 from remote_code import run_without_hf_attn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -103,13 +103,13 @@ def test_cached_generation_matches_recomputation(mode_variant):
 
     # step-by-step with the cache: every step's logits equal the full recomputation
     out = model(prompt, use_cache=True)
-    cache = out.past_key_values
-    assert isinstance(cache, HfAttnCache)
+    cache = cache_of(out)
+    assert isinstance(cache, HfAttnCache) and len(cache.layers) == model.config.num_hidden_layers
     logits = out.logits[:, -1]
     for i in range(steps):
         torch.testing.assert_close(logits, ref_logits[i], rtol=1e-4, atol=1e-4)
         token = logits.argmax(-1, keepdim=True)
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, **with_cache(cache), use_cache=True)
         logits = out.logits[:, -1]
 
     generated = model.generate(prompt, max_new_tokens=steps, do_sample=False)
@@ -335,9 +335,9 @@ def test_local_cache_is_bounded_by_window():
     model = make_lm("local", "rope", sliding_window=4)
     out = model(ids(1, 3), use_cache=True)
     sizes = []
-    cache = out.past_key_values
+    cache = cache_of(out)
     for step in range(12):
-        out = model(ids(1, 1, seed=step), past_key_values=cache, use_cache=True)
+        out = model(ids(1, 1, seed=step), **with_cache(cache), use_cache=True)
         sizes.append(cache.nbytes())
     assert cache.get_seq_length() == 15
     assert len(set(sizes)) == 1  # constant: window - 1 = 3 keys/values per layer
@@ -347,9 +347,9 @@ def test_local_cache_is_bounded_by_window():
 
 def test_lowrank_state_is_constant_size():
     model = make_lm("lowrank", None)
-    cache = model(ids(1, 30), use_cache=True).past_key_values
+    cache = cache_of(model(ids(1, 30), use_cache=True))
     first = cache.nbytes()
-    model(ids(1, 1), past_key_values=cache, use_cache=True)
+    model(ids(1, 1), **with_cache(cache), use_cache=True)
     assert cache.nbytes() == first == 2 * 4 * (2 * 8 * (8 + 1))  # layers x fp32 x Hkv x k x (D for S + 1 for z)
 
 

@@ -8,7 +8,7 @@ Each property runs ``EXAMPLES`` random cases (see the README's Guarantees sectio
 from __future__ import annotations
 
 import torch
-from conftest import MODE_VARIANTS
+from conftest import MODE_VARIANTS, cache_of, with_cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -105,6 +105,6 @@ def test_cache_equals_no_cache(config, prefix, steps):
     out = model(ids[:, :prefix], use_cache=True)
     pieces = [out.logits]
     for t in range(prefix, prefix + steps):
-        out = model(ids[:, t: t + 1], past_key_values=out.past_key_values, use_cache=True)
+        out = model(ids[:, t: t + 1], **with_cache(cache_of(out)), use_cache=True)
         pieces.append(out.logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, with_cache
 
 from hf_attn import HfAttnCache, HfAttnForCausalLM
 
@@ -25,7 +25,7 @@ BAD_CALLS = [
     (dict(input_ids=OK[None]), "2-D"),
     (dict(input_ids=torch.ones(0, 5, dtype=torch.long)), "empty input"),
     (dict(input_ids=torch.ones(2, 0, dtype=torch.long)), "empty input"),
-    (dict(input_ids=OK, attention_mask=torch.ones(2, 4)), r"attention_mask must be 2-D \(batch=2, past\+seq_len=5\)"),
+    (dict(input_ids=OK, attention_mask=torch.ones(2, 4)), r"attention_mask must be \(batch=2, past\+seq_len=5\)"),
     (dict(input_ids=OK, attention_mask=torch.ones(3, 5)), "attention_mask"),
     (dict(input_ids=OK, attention_mask=torch.full((2, 5), 0.5)), "0 \\(padding\\) or 1"),
     (dict(input_ids=OK, position_ids=torch.arange(4)[None]), "position_ids must be"),
@@ -35,7 +35,7 @@ BAD_CALLS = [
     (dict(inputs_embeds=torch.randn(2, 5, 31)), "hidden_size=32"),
     (dict(input_ids=OK, inputs_embeds=torch.randn(2, 5, 32)), "exactly one of input_ids or inputs_embeds"),
     (dict(), "exactly one of input_ids or inputs_embeds"),
-    (dict(input_ids=OK, past_key_values=((torch.zeros(1), torch.zeros(1)),)), "HfAttnCache"),
+    (dict(input_ids=OK, past_key_values=((torch.zeros(1), torch.zeros(1)),)), "must be a transformers Cache"),
 ]
 
 
@@ -60,7 +60,7 @@ def test_rotary_models_have_no_length_limit():
 def test_cache_on_bidirectional_model_is_refused():
     model = HfAttnForCausalLM(tiny_config("eager", is_causal=False))
     with pytest.raises(ValueError, match="bidirectional"):
-        model.model(OK, past_key_values=HfAttnCache(model.config))
+        model.model(OK, **with_cache(HfAttnCache(model.config)))
 
 
 def test_checks_run_before_any_compute(model, monkeypatch):
