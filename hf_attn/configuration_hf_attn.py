@@ -7,6 +7,7 @@ Llama-style configs (``num_key_value_heads``, ``rope_theta``, ``sliding_window``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -200,7 +201,33 @@ class HfAttnConfig(PretrainedConfig):
         self.hf_attn_version = HF_ATTN_VERSION
         # Validate before the base class runs its own (Llama-oriented) checks, so errors name our fields.
         self.validate_hf_attn()
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        with self._rope_checks_only_where_used():
+            super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @contextlib.contextmanager
+    def _rope_checks_only_where_used(self):
+        """transformers validates ``rope_parameters`` of every config, rotary or not (e.g. it refuses an
+        odd head_dim); with absolute positions no rotation happens, so its rope checks are skipped."""
+        params = self.__dict__.get("rope_parameters")
+        if self.position_embedding_type != "rope":
+            self.__dict__["rope_parameters"] = None
+        try:
+            yield
+        finally:
+            self.__dict__["rope_parameters"] = params
+
+    def convert_rope_params_to_dict(self, **kwargs):
+        """transformers' base ``__init__`` fills in default rope parameters; while they are hidden (see
+        above) there is nothing to fill."""
+        if self.__dict__.get("rope_parameters") is None and self.position_embedding_type != "rope":
+            return kwargs
+        return super().convert_rope_params_to_dict(**kwargs)
+
+    def validate(self) -> None:
+        """transformers' checks (run again by ``save_pretrained``), with rope checks where rope is used."""
+        self.validate_hf_attn()
+        with self._rope_checks_only_where_used():
+            super().validate()
 
     @property
     def head_dim(self) -> int:
@@ -219,7 +246,8 @@ class HfAttnConfig(PretrainedConfig):
     @property
     def rope_theta(self) -> float:
         """Base of the rotary frequencies (stored in ``rope_parameters``)."""
-        return self.rope_parameters["rope_theta"]
+        # (while transformers' base __init__ runs, the dict may not be in place yet)
+        return (self.__dict__.get("rope_parameters") or {}).get("rope_theta", 10000.0)
 
     @rope_theta.setter
     def rope_theta(self, value: float) -> None:

@@ -9,6 +9,11 @@ The card text comes from the template ``model_card.md`` next to this file (a sym
 repository's top-level ``model_card.md``). Placeholders are written ``{{ name }}`` and filled by a
 ten-line renderer, not Jinja, so the card needs nothing beyond huggingface_hub.
 
+A card is public, so it names the model by its folder's final name (an atomic save writes into a
+temporary ``.tmp-<name>`` folder and renames it afterwards) and carries no local filesystem path: any
+absolute path in ``model_card_data`` (e.g. a corpus described as ``python-stdlib (/home/me/.pyenv/...)``)
+is removed or cut to its last component when the card is rendered (:func:`strip_local_paths`).
+
 This module is copied next to the modeling code into every checkpoint (remote code). It therefore
 imports only the standard library, huggingface_hub and transformers. In such a copy the template is
 absent, and :func:`write_model_card` writes nothing and returns ``None`` rather than failing the save.
@@ -16,6 +21,7 @@ absent, and :func:`write_model_card` writes nothing and returns ``None`` rather 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -25,6 +31,11 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card.md")
+# Atomic saves (hf_attn.training's checkpoint writer) write "<parent>/.tmp-<name>" and rename it to
+# "<parent>/<name>" once complete, so the card is rendered inside the temporary folder.
+TEMPORARY_FOLDER_PREFIX = ".tmp-"
+
+logger = logging.getLogger(__name__)
 
 # Keys a caller may put in ``model.model_card_data``; anything else is a typo and raises.
 MODEL_CARD_DATA_KEYS = {
@@ -42,6 +53,16 @@ MODEL_CARD_DATA_KEYS = {
     "training_data": "markdown paragraph for the 'Training data' section",
     "intended_use": "markdown paragraph for the 'Intended use' section",
 }
+
+# An absolute local path: POSIX (also as a file:// URL), home-relative (~/, ~user/) or a Windows drive.
+# The look-behind keeps URLs ("https://host/a/b": each "/" follows ":", "/" or a letter) and relative
+# names ("user/data", "a/b") out; the path runs to the next space, quote or bracket.
+_PATH_CHARS = r"[^\s'\"`,;()\[\]{}<>]"
+_ABSOLUTE_PATH = (
+    rf"(?<![\w.:/~\\-])(?:(?:file://)?/{_PATH_CHARS}+|~[\w.-]*/{_PATH_CHARS}*|[A-Za-z]:[\\/]{_PATH_CHARS}*)"
+)
+_PARENTHESISED_PATH = re.compile(rf"\s*\(\s*{_ABSOLUTE_PATH}\s*\)")
+_PATH = re.compile(_ABSOLUTE_PATH)
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _TEMPLATE_COMMENT = re.compile(r"\A\s*<!--.*?-->\s*", re.DOTALL)
@@ -95,6 +116,31 @@ def render_template(template: str, values: Mapping[str, Any]) -> str:
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
 
 
+def strip_local_paths(text: str) -> str:
+    """``text`` without local filesystem paths, for a public card.
+
+    A parenthesised absolute path is dropped (``"python-stdlib (/usr/lib/python3.11)"`` ->
+    ``"python-stdlib"``); any other absolute path is cut to its last component
+    (``"local files ['/home/me/data/train.txt']"`` -> ``"local files ['train.txt']"``). URLs and
+    relative names such as Hub ids (``user/data``) are left alone.
+    """
+    text = _PARENTHESISED_PATH.sub("", text)
+    return _PATH.sub(lambda m: re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1], text)
+
+
+def _strip_paths(key: str, value: Any) -> Any:
+    """``value`` (a string or a list of strings) with local paths removed, logging what changed."""
+    if isinstance(value, str):
+        clean = strip_local_paths(value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        clean = [strip_local_paths(v) for v in value]
+    else:
+        return value
+    if clean != value:
+        logger.info("model card: removed local filesystem paths from %s", key)
+    return clean
+
+
 def _check_model_card_data(data: Mapping[str, Any] | None) -> dict[str, Any]:
     if data is None:
         return {}
@@ -107,6 +153,13 @@ def _check_model_card_data(data: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in ("datasets", "tags"):
         if isinstance(data.get(key), str):
             data[key] = [data[key]]
+    base_model = data.get("base_model")
+    if isinstance(base_model, str) and strip_local_paths(base_model) != base_model:
+        # A local folder is no Hub reference, and its last component alone would name some other repo.
+        logger.info("model card: base_model %r is a local path, not a Hub id; left out of the card", base_model)
+        data.pop("base_model")
+    # The card is published: no field may carry a path of the machine it was written on.
+    data = {key: _strip_paths(key, value) for key, value in data.items()}
     results = data.get("eval_results") or {}
     if not isinstance(results, Mapping):
         raise ValueError(f"model_card_data['eval_results']: expected a dict metric -> number, got {results!r}")
@@ -318,12 +371,22 @@ def model_card_metadata(config: Any, model_card_data: Mapping[str, Any] | None =
     )
 
 
+def folder_model_name(save_directory: str | Path) -> str:
+    """The name a checkpoint saved in ``save_directory`` is published under: the folder's name, without
+    the ``.tmp-`` prefix of an atomic save's temporary folder (``.tmp-final`` -> ``final``)."""
+    name = Path(save_directory).resolve().name
+    return name.removeprefix(TEMPORARY_FOLDER_PREFIX) or name
+
+
 def write_model_card(
     save_directory: str | Path,
     config: Any,
     model_card_data: Mapping[str, Any] | None = None,
 ) -> Path | None:
     """Render the model card into ``<save_directory>/README.md``.
+
+    The model is named ``model_card_data["model_name"]``, else by :func:`folder_model_name`; local
+    filesystem paths in ``model_card_data`` are removed (:func:`strip_local_paths`).
 
     Args:
         save_directory: The checkpoint folder (already written by ``save_pretrained``).
@@ -342,7 +405,7 @@ def write_model_card(
         return None
     data = _check_model_card_data(model_card_data)
     save_directory = Path(save_directory)
-    model_name = data.get("model_name") or save_directory.resolve().name
+    model_name = data.get("model_name") or folder_model_name(save_directory)
     metadata = model_card_metadata(config, data, model_name=model_name)
     template = _TEMPLATE_COMMENT.sub("", TEMPLATE_PATH.read_text(encoding="utf-8"), count=1)
     body = render_template(template, _template_values(config, data, model_name, metadata.pipeline_tag))
@@ -356,9 +419,12 @@ def write_model_card(
 __all__ = [
     "MODEL_CARD_DATA_KEYS",
     "TEMPLATE_PATH",
+    "TEMPORARY_FOLDER_PREFIX",
     "attention_parameters",
+    "folder_model_name",
     "model_card_metadata",
     "pipeline_tag_for",
     "render_template",
+    "strip_local_paths",
     "write_model_card",
 ]

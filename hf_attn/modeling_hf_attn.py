@@ -309,7 +309,8 @@ class HfAttnPreTrainedModel(PreTrainedModel):
         allow-list as ``push_to_hub`` (transformers' own push would upload before the card exists).
         """
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "commit_description",
-                                                  "create_pr", "private", "revision") if k in kwargs}
+                                                  "create_pr", "private", "revision", "max_file_size")
+                      if k in kwargs}
         self.check_config_unchanged()
         if self._auto_class is not None:
             self.config.auto_map = dict(AUTO_MAP)
@@ -321,7 +322,10 @@ class HfAttnPreTrainedModel(PreTrainedModel):
             if push_to_hub:
                 from .hub_hf_attn import upload_checkpoint
 
-                repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+                from .modelcard_hf_attn import folder_model_name
+
+                # an atomic save writes into a temporary folder: name the repo after the final one
+                repo_id = hub_kwargs.pop("repo_id", folder_model_name(save_directory))
                 upload_checkpoint(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
@@ -574,11 +578,14 @@ class HfAttnModel(HfAttnPreTrainedModel):
             check_cache(cache, config, (input_ids if input_ids is not None else inputs_embeds).shape[0])
         past = past_length(cache, config)  # an int, or a tensor for static caches
         _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, past)
+        given_cache = cache  # the caller's: a fresh one below has no past (packed rows are found without it)
         if use_cache and cache is None:
             cache = HfAttnCache(config)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        else:  # documented: embeddings are cast to the model's dtype (e.g. float64 -> float32)
+            inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)
         length = inputs_embeds.shape[1]
         device = inputs_embeds.device
 
@@ -604,7 +611,7 @@ class HfAttnModel(HfAttnPreTrainedModel):
             hidden_states = hidden_states + self.embed_positions(position_ids)
         hidden_states = self.dropout(hidden_states)
         position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
-        mask, dense = self._build_mask(attention_mask, inputs_embeds, cache, position_ids, user_position_ids, past)
+        mask, dense = self._build_mask(attention_mask, inputs_embeds, given_cache, position_ids, user_position_ids, past)
 
         all_hidden = [] if output_hidden_states else None
         all_weights = [] if output_attentions else None
@@ -703,6 +710,8 @@ class HfAttnForCausalLM(HfAttnPreTrainedModel, GenerationMixin):
         ``ignore_index``. Other keywords go to ``HfAttnModel.forward``.
         """
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "shift_labels", "ignore_index") if k in kwargs}
+        if loss_kwargs.get("shift_labels") is not None:
+            loss_kwargs["shift_labels"] = loss_kwargs["shift_labels"].contiguous()
         wants_loss = labels is not None or loss_kwargs.get("shift_labels") is not None
         if wants_loss and not self.config.is_causal:
             raise ValueError("labels: next-token loss needs a causal model (config.is_causal=True)")

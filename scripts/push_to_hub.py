@@ -3,8 +3,11 @@
 
     python scripts/push_to_hub.py runs/tiny-cls your-name/hf-attn-tiny-cls --private
     python scripts/push_to_hub.py runs/tiny-cls your-name/hf-attn-tiny-cls --dry_run   # list, upload nothing
+    python scripts/push_to_hub.py runs/tiny-cls your-name/hf-attn-tiny-cls --max_file_size 2GB
 
-The token comes from --token, else HF_TOKEN, else the cached `hf auth login`.
+The token comes from --token, else HF_TOKEN, else the cached `hf auth login`. A folder with a file
+that may not be uploaded (a symlink out of the folder, a file over --max_file_size, a file whose
+content does not match its name) is refused with exit status 2 and a message naming each such file.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import sys
 
 from hf_attn.finetune import load_model_card_data, push_checkpoint
+from hf_attn.hub_hf_attn import DEFAULT_MAX_FILE_SIZE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,21 +37,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep_card", action="store_true",
                         help="upload README.md as it is (default: re-render it to name repo_id)")
     parser.add_argument("--dry_run", action="store_true", help="print what would be uploaded and stop")
+    parser.add_argument("--max_file_size", default=str(DEFAULT_MAX_FILE_SIZE),
+                        help="refuse the upload if a file is larger: bytes or e.g. 500MB, 5GB, 2GiB "
+                             "(default: the Hub's 50 GB per-file limit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    plan, commit = push_checkpoint(
-        args.folder,
-        args.repo_id,
-        private=args.private,
-        token=args.token,
-        revision=args.revision,
-        create_pr=args.create_pr,
-        commit_message=args.commit_message,
-        model_card_data=load_model_card_data(args.model_card_data),
-        keep_card=args.keep_card,
-        dry_run=args.dry_run,
-    )
+    try:
+        plan, commit = push_checkpoint(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            token=args.token,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+            model_card_data=load_model_card_data(args.model_card_data),
+            keep_card=args.keep_card,
+            dry_run=args.dry_run,
+            max_file_size=args.max_file_size,
+        )
+    except ValueError as err:  # a refused folder or bad argument: the message says why, no traceback
+        print(f"push_to_hub: {err}", file=sys.stderr)
+        return 2
     print("upload:" if commit is None else f"uploaded to {commit.commit_url}:")
     for name in plan.files:
         print(f"  {name}")

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.hf_api
 import pytest
 import torch
-from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import TrainingArguments
 from transformers.dynamic_module_utils import get_relative_import_files
 
@@ -86,7 +87,10 @@ def expected_code_files() -> set[str]:
 
 @dataclass
 class HubRecorder:
-    """Stands in for the Hub: records create_repo / create_branch / create_commit calls and their files."""
+    """Stands in for the Hub: records create_repo / create_branch / create_commit calls and their files.
+
+    Every upload route ends in ``HfApi.create_commit``: hf_attn's ``upload_checkpoint`` calls it, and
+    so does ``HfApi.upload_folder`` (Trainer's route), after a metadata check stubbed here too."""
 
     repos: list[dict[str, Any]] = field(default_factory=list)
     branches: list[dict[str, Any]] = field(default_factory=list)
@@ -117,12 +121,20 @@ class HubRecorder:
                 oid="0" * 40,
             )
 
+        def validate_yaml(api, content, **kwargs):
+            # HfApi.upload_folder (Trainer's route) asks the Hub to validate README.md's metadata first
+            ModelCard(content)
+
         def no_network(*args, **kwargs):
             raise RuntimeError(f"test tried to open a network connection: {args}")
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_branch", create_branch)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(HfApi, "_validate_yaml", validate_yaml)
+        # With hf_xet installed, upload_folder streams through its own pipeline; without, it ends in
+        # create_commit like every other route, so one recorder sees all of them.
+        monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
         # Anything else that would reach the Hub fails loudly instead of silently passing.
         monkeypatch.setattr(socket.socket, "connect", no_network)
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from finetune_helpers import expected_code_files, pretrained_checkpoint, single_thread, training_args  # noqa: F401
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -32,6 +34,7 @@ from hf_attn.finetune import (
     load_raw_datasets,
     run_finetune,
 )
+from hf_attn.finetune.checkpoints import checkpoint_problems, last_complete_checkpoint, resolve_resume_checkpoint
 from hf_attn.finetune.data import stdlib_dir
 from hf_attn.finetune.run import prepare_causal_lm, prepare_classification
 from hf_attn.metrics import load_metric
@@ -265,6 +268,84 @@ def test_interrupted_run_resumes_from_checkpoint_with_code(tmp_path):
     run_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run")
     for (name, a), (_, b) in zip(ref_model.state_dict().items(), run_model.state_dict().items()):
         torch.testing.assert_close(a, b, msg=f"{name} differs between resumed and uninterrupted runs")
+
+
+class _RecordSteps(TrainerCallback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_resume_last_skips_a_checkpoint_left_incomplete_by_a_killed_save(tmp_path, caplog):
+    model_args = ModelArguments(model_name_or_path=str(pretrained_checkpoint()))
+    data_args = DataArguments(**DATA)
+    common = dict(do_train=True, max_steps=4, save_strategy="steps", save_steps=2)
+    run = tmp_path / "run"
+    run_finetune(model_args, data_args, training_args(run, **common))
+    uninterrupted = AutoModelForSequenceClassification.from_pretrained(run).state_dict()
+    # Trainer writes trainer_state.json last: a job killed while saving checkpoint-4 leaves it out
+    (run / "checkpoint-4" / "trainer_state.json").unlink()
+
+    steps = _RecordSteps()
+    with caplog.at_level(logging.WARNING, logger="hf_attn.finetune"):
+        run_finetune(
+            model_args, data_args, training_args(run, resume_from_checkpoint="last", **common), callbacks=[steps]
+        )
+    assert steps.steps == [3, 4]  # resumed from checkpoint-2, the last complete one
+    assert "checkpoint-4" in caplog.text and "no trainer_state.json" in caplog.text
+    resumed = AutoModelForSequenceClassification.from_pretrained(run).state_dict()
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, msg=f"{name} differs between resumed and uninterrupted runs")
+
+
+def _complete_checkpoint(folder: Path) -> Path:
+    """The files Trainer writes into checkpoint-N (contents stand-ins, except the checked formats)."""
+    folder.mkdir(parents=True)
+    save_file({"weight": torch.zeros(4)}, str(folder / "model.safetensors"))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (folder / name).write_bytes(b"state")
+    return folder
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-3])
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda f: (f / "trainer_state.json").unlink(), "no trainer_state.json"),
+        (lambda f: _truncate(f / "trainer_state.json"), "trainer_state.json is not valid JSON"),
+        (lambda f: (f / "model.safetensors").unlink(), "no model.safetensors"),
+        (lambda f: _truncate(f / "model.safetensors"), "model.safetensors is incomplete or corrupt"),
+        (lambda f: (f / "optimizer.pt").unlink(), "no optimizer state"),
+        (lambda f: (f / "scheduler.pt").unlink(), "no scheduler.pt"),
+    ],
+    ids=["no-state", "truncated-state", "no-weights", "truncated-weights", "no-optimizer", "no-scheduler"],
+)
+def test_last_complete_checkpoint_skips_incomplete_ones(tmp_path, caplog, damage, problem):
+    _complete_checkpoint(tmp_path / "checkpoint-2")
+    newest = _complete_checkpoint(tmp_path / "checkpoint-10")  # 10 > 2: numeric order, not text order
+    assert last_complete_checkpoint(tmp_path) == newest
+    damage(newest)
+    assert any(problem in p for p in checkpoint_problems(newest))
+    with caplog.at_level(logging.WARNING, logger="hf_attn.finetune"):
+        assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert f"skipping incomplete checkpoint {newest}" in caplog.text and problem in caplog.text
+    with pytest.raises(ValueError, match=f"checkpoint-10 cannot be resumed from: .*{problem}"):
+        resolve_resume_checkpoint(str(newest), tmp_path)
+
+
+def test_resume_last_without_a_complete_checkpoint_raises(tmp_path):
+    (_complete_checkpoint(tmp_path / "checkpoint-3") / "optimizer.pt").unlink()
+    with pytest.raises(ValueError, match="no complete checkpoint-N folder"):
+        resolve_resume_checkpoint("last", tmp_path)
+    # save_only_model runs never write optimizer state; they resume without it
+    assert resolve_resume_checkpoint("last", tmp_path, require_optimizer=False) == str(tmp_path / "checkpoint-3")
+    assert resolve_resume_checkpoint(None, tmp_path) is None
 
 
 def test_early_stopping_stops_training(tmp_path):

@@ -7,6 +7,7 @@ loaded with trust_remote_code=True in a subprocess where hf_attn cannot be impor
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
+from datasets import Dataset
 from finetune_helpers import (  # noqa: F401
     PACKAGE_DIR,
     HubRecorder,
@@ -29,9 +31,10 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    Trainer,
 )
 
-from hf_attn.finetune import DataArguments, ModelArguments, run_finetune
+from hf_attn.finetune import DataArguments, HfAttnTrainer, ModelArguments, run_finetune
 from hf_attn.finetune.hub import facts_from_card
 from hf_attn.hub_hf_attn import plan_upload, push_model_to_hub
 from hf_attn.modelcard_hf_attn import write_model_card
@@ -210,7 +213,10 @@ def test_pickle_weights_are_refused_or_skipped(finetuned, tmp_path):
     plan = plan_upload(folder)  # safetensors present: the pickle is skipped
     assert "pytorch_model.bin" in plan.skipped and "pytorch_model.bin" not in plan.files
     (folder / "model.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"no \*\.safetensors.*pickle weights \['pytorch_model.bin'\]"):
+    # one sentence: "... has no *.safetensors weights; it has pickle weights [...]: re-save them ..."
+    with pytest.raises(
+        ValueError, match=r"has no \*\.safetensors weights; it has pickle weights \['pytorch_model.bin'\]: re-save them"
+    ):
         plan_upload(folder)
 
 
@@ -233,6 +239,80 @@ def test_stray_python_files_are_not_uploaded(finetuned, tmp_path):
     (folder / "my_experiment.py").write_text("print('not model code')\n")
     plan = plan_upload(folder)
     assert "my_experiment.py" in plan.skipped and set(plan.files) == _expected_checkpoint_files(finetuned[0])
+
+
+# ---- files are judged by where they lead, their size and their content ---------------------------
+
+
+def _secret(tmp_path: Path) -> Path:
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot for the Hub\n")
+    return secret
+
+
+def test_script_refuses_a_symlink_out_of_the_folder(finetuned, hub, tmp_path, capsys):
+    folder = _copy(finetuned[0], tmp_path)
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").symlink_to(_secret(tmp_path))
+    for extra in (["--dry_run"], []):
+        assert _load_script("push_to_hub").main([str(folder), "test-user/copy", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "tokenizer.json: symlink to" in err and "outside the folder" in err
+    assert hub.repos == [] and hub.commits == []
+
+
+def test_symlink_inside_the_folder_is_followed(finetuned, tmp_path):
+    folder = _copy(finetuned[0], tmp_path)
+    (folder / "shared").mkdir()
+    (folder / "tokenizer.json").rename(folder / "shared" / "tokenizer.json")
+    (folder / "tokenizer.json").symlink_to(Path("shared") / "tokenizer.json")
+    plan = plan_upload(folder)
+    assert "tokenizer.json" in plan.files and set(plan.files) == _expected_checkpoint_files(finetuned[0])
+
+
+def _pickle_bytes(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"weight": torch.zeros(4)}, buffer)  # what a renamed pytorch_model.bin holds
+    return buffer.getvalue()
+
+
+def _truncated_safetensors(folder: Path) -> bytes:
+    data = (folder / "model.safetensors").read_bytes()
+    return data[: len(data) // 2]  # a copy interrupted half-way
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("model.safetensors", _pickle_bytes, "model.safetensors: not a safetensors file"),
+        ("model.safetensors", _truncated_safetensors, "model.safetensors: incomplete or corrupt safetensors file"),
+        ("extra.safetensors", lambda folder: b"\x08" + b"\0" * 7 + b"not json", "extra.safetensors: not a safetensors"),
+        ("tokenizer_config.json", lambda folder: b'{"truncated": ', "tokenizer_config.json: not valid JSON"),
+        ("generation_config.json", lambda folder: b"[1, 2]", "generation_config.json: JSON but not an object"),
+        ("tokenizer.model", _pickle_bytes, "tokenizer.model: a pickle"),
+        ("merges.txt", lambda folder: b"\xff\xfe\x00binary", "merges.txt: not UTF-8 text"),
+    ],
+    ids=["renamed-pickle", "truncated", "bad-header", "bad-json", "json-list", "pickle-tokenizer", "binary-text"],
+)
+def test_files_are_judged_by_content_not_name(finetuned, tmp_path, name, content, message):
+    folder = _copy(finetuned[0], tmp_path)
+    (folder / name).write_bytes(content(folder))
+    with pytest.raises(ValueError, match="refusing to upload") as info:
+        plan_upload(folder)
+    assert message in str(info.value)
+
+
+def test_script_max_file_size_refuses_larger_files(finetuned, hub, capsys):
+    out, _ = finetuned
+    size = (out / "model.safetensors").stat().st_size
+    assert size > 10_000
+    assert _load_script("push_to_hub").main([str(out), "test-user/copy", "--max_file_size", "10KB"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.safetensors: {size / 1000:.1f} kB ({size} bytes), over max_file_size = 10.0 kB (10000 bytes)" in err
+    assert hub.commits == []
+    largest = max(p.stat().st_size for p in out.iterdir() if p.is_file())
+    assert _load_script("push_to_hub").main([str(out), "test-user/copy", "--max_file_size", str(largest)]) == 0
+    assert len(hub.commits) == 1
 
 
 # ---- model.push_to_hub ---------------------------------------------------------------------------
@@ -273,3 +353,77 @@ def test_model_push_to_hub(via, hub, tmp_path):
     with torch.no_grad():
         local = model(**tokenizer(TEXT, return_tensors="pt")).logits
     torch.testing.assert_close(remote, local, rtol=0, atol=0)
+
+
+def test_model_push_to_hub_max_file_size(hub):
+    with pytest.raises(ValueError, match=r"model\.safetensors: .* bytes\), over max_file_size = 1\.0 kB"):
+        _pretrained_lm().push_to_hub("test-user/tiny-lm", max_file_size="1KB")
+    assert hub.commits == []
+
+
+def test_save_pretrained_push_refuses_a_symlink_out_of_the_folder(hub, tmp_path):
+    folder = tmp_path / "save"
+    folder.mkdir()
+    (folder / "tokenizer.json").symlink_to(_secret(tmp_path))  # left over in the save folder
+    with pytest.raises(ValueError, match=r"tokenizer\.json: symlink to .*id_rsa, outside the folder"):
+        _pretrained_lm().save_pretrained(folder, push_to_hub=True, repo_id="test-user/tiny-lm")
+    assert hub.commits == []
+
+
+# ---- Trainer.push_to_hub -------------------------------------------------------------------------
+
+
+def _random_blocks(n: int = 32, length: int = 16) -> Dataset:
+    ids = torch.randint(0, 300, (n, length), generator=torch.Generator().manual_seed(0)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def test_plain_trainer_push_uploads_pickles_and_its_own_card(hub, tmp_path):
+    """Why HfAttnTrainer exists, and proof that the recorder sees Trainer's upload route (upload_folder
+    commits through HfApi.create_commit): transformers' Trainer sends training_args.bin and a generic card."""
+    trainer = Trainer(
+        model=_pretrained_lm(), args=training_args(tmp_path / "plain", hub_model_id="test-user/plain"),
+        processing_class=AutoTokenizer.from_pretrained(pretrained_checkpoint()),
+    )
+    trainer.push_to_hub()
+    files = hub.commits[-1]["files"]
+    assert "training_args.bin" in files
+    assert "hf_attn" not in (ModelCard(files["README.md"].decode()).data.tags or [])
+
+
+def test_hf_attn_trainer_pushes_only_allowed_files_with_the_hf_attn_card(hub, tmp_path):
+    out = tmp_path / "trainer-run"
+    trainer = HfAttnTrainer(
+        model=_pretrained_lm(),
+        args=training_args(out, max_steps=4, save_strategy="steps", save_steps=2, push_to_hub=True,
+                           hub_model_id="test-user/tiny-trainer", hub_strategy="every_save"),
+        train_dataset=_random_blocks(),
+        processing_class=AutoTokenizer.from_pretrained(pretrained_checkpoint()),
+    )
+    trainer.train()
+    commit = trainer.push_to_hub(tags=["extra"])
+    assert commit.repo_url.repo_id == "test-user/tiny-trainer"
+    assert [c["commit_message"] for c in hub.commits] == [
+        "Training in progress, step 2", "Training in progress, step 4", "End of training",
+    ]
+    expected = {"README.md", "config.json", "generation_config.json", "model.safetensors"}
+    expected |= expected_code_files() | _tokenizer_files(pretrained_checkpoint())
+    for pushed in hub.commits:
+        assert set(pushed["files"]) == expected, pushed["commit_message"]
+    assert (out / "training_args.bin").is_file()  # written by Trainer, never uploaded
+    card = ModelCard(hub.commits[-1]["files"]["README.md"].decode())
+    assert card.data.model_name == "tiny-trainer" and 'from_pretrained("test-user/tiny-trainer"' in card.text
+    assert {"hf_attn", "eager-attention", "extra"} <= set(card.data.tags)
+    assert card.data.eval_results[0].metric_value == 12.5  # the model's own card facts survive
+    # an intermediate push names the repo too, not "checkpoint-2"
+    assert ModelCard(hub.commits[0]["files"]["README.md"].decode()).data.model_name == "tiny-trainer"
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "all_checkpoints"])
+def test_hf_attn_trainer_refuses_hub_strategies_that_upload_optimizer_pickles(hub, tmp_path, strategy):
+    with pytest.raises(ValueError, match=f"hub_strategy: '{strategy}'.*pickles"):
+        HfAttnTrainer(
+            model=_pretrained_lm(),
+            args=training_args(tmp_path, push_to_hub=True, hub_model_id="test-user/x", hub_strategy=strategy),
+        )
+    assert hub.repos == []

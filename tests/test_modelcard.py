@@ -20,8 +20,12 @@ from hf_attn.modelcard_hf_attn import (
     TEMPLATE_PATH,
     attention_parameters,
     render_template,
+    strip_local_paths,
     write_model_card,
 )
+from hf_attn.training.checkpoint import publish_folder_atomically
+from hf_attn.training.config import DataConfig
+from hf_attn.training.data import describe_corpus, stdlib_root
 
 REPO_ROOT = PACKAGE_DIR.parent
 ARCHITECTURES = {
@@ -151,3 +155,79 @@ def test_remote_code_modules_import_only_what_a_checkpoint_has(module):
     # transformers' copier reads import-looking text even in docstrings; only real flat imports may match
     copier = re.findall(r"^\s*from\s+\.(\S+)\s+import", source, flags=re.MULTILINE)
     assert all((PACKAGE_DIR / f"{name}.py").is_file() for name in copier)
+
+
+# ---- what a published card may say (issue 14, item 11) ------------------------------------------
+
+
+def test_card_of_an_atomic_save_names_the_final_folder_without_local_paths(tmp_path):
+    """What the training quickstart publishes: save_pretrained inside publish_folder_atomically's
+    temporary folder, with the corpus described by describe_corpus (which names the stdlib's absolute path)."""
+    from accelerate import Accelerator
+
+    corpus = describe_corpus(DataConfig())
+    assert str(stdlib_root()) in corpus  # the leak this test guards against is real
+    model = HfAttnForCausalLM(tiny_config(architectures=["HfAttnForCausalLM"]))
+    model.model_card_data = {
+        "eval_results": {"perplexity": 93.3}, "eval_dataset_name": corpus, "eval_split": "validation",
+        "training_data": f"Trained from scratch on {corpus}.",
+    }
+    final = publish_folder_atomically(Accelerator(cpu=True), tmp_path / "run" / "final", model.save_pretrained)
+    readme = (final / "README.md").read_text(encoding="utf-8")
+    card = ModelCard(readme)
+    assert card.data.model_name == "final" and readme.count("# final\n") == 1
+    assert 'from_pretrained("final"' in readme and ".tmp-" not in readme
+    assert card.data.eval_results[0].dataset_name == "python-stdlib"
+    assert "Trained from scratch on python-stdlib." in readme
+    assert str(stdlib_root()) not in readme and str(tmp_path) not in readme
+
+
+def test_card_strips_absolute_paths_from_every_data_field(tmp_path):
+    home = "/home/someone/projects"
+    data = {
+        "datasets": [f"{home}/data/train.jsonl", "user/hub-data"],
+        "eval_dataset": f"{home}/data/valid.jsonl",
+        "eval_dataset_name": f"local files ['{home}/data/valid.jsonl']",
+        "eval_results": {"accuracy": 0.5},
+        "base_model": f"{home}/runs/pretrained",
+        "training_data": f"Files under `{home}/data` (see https://huggingface.co/datasets/user/hub-data).",
+        "intended_use": "Tests from ~/work/x.",
+    }
+    readme = write_model_card(tmp_path / "ckpt", tiny_config(), data).read_text(encoding="utf-8")
+    card = ModelCard(readme)
+    assert "/home/" not in readme and "~/" not in readme
+    assert card.data.datasets == ["train.jsonl", "user/hub-data"]
+    assert card.data.eval_results[0].dataset_type == "valid.jsonl"
+    assert card.data.eval_results[0].dataset_name == "local files ['valid.jsonl']"
+    assert card.data.base_model is None  # a local folder is no Hub reference
+    assert "Files under `data` (see https://huggingface.co/datasets/user/hub-data)." in readme
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("python-stdlib (/usr/lib/python3.11)", "python-stdlib"),
+        ("local files ['/srv/a/train.txt', 'b.txt']", "local files ['train.txt', 'b.txt']"),
+        ("~/data/x.txt and ~bob/y.txt", "x.txt and y.txt"),
+        ("C:\\Users\\me\\data.csv", "data.csv"),
+        ("file:///home/me/a.txt", "a.txt"),
+        # left alone: URLs, Hub ids, relative paths, fractions, a lone slash
+        ("https://huggingface.co/datasets/user/data", "https://huggingface.co/datasets/user/data"),
+        ("user/data, runs/tiny, 1/2 and/or a / b", "user/data, runs/tiny, 1/2 and/or a / b"),
+    ],
+)
+def test_strip_local_paths(text, expected):
+    assert strip_local_paths(text) == expected
+
+
+def test_folder_name_without_temporary_prefix(tmp_path):
+    card = ModelCard.load(write_model_card(_mkdir(tmp_path / ".tmp-my-model"), tiny_config()))
+    assert card.data.model_name == "my-model"
+    # an explicit model_name still wins
+    card = ModelCard.load(write_model_card(_mkdir(tmp_path / ".tmp-x"), tiny_config(), {"model_name": "given"}))
+    assert card.data.model_name == "given"
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path

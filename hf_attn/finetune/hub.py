@@ -17,7 +17,7 @@ from typing import Any
 
 from huggingface_hub import CommitInfo, ModelCard
 
-from ..hub_hf_attn import MODEL_CARD, UploadPlan, plan_upload, upload_checkpoint
+from ..hub_hf_attn import DEFAULT_MAX_FILE_SIZE, MODEL_CARD, UploadPlan, plan_upload, upload_checkpoint
 from ..modelcard_hf_attn import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def push_checkpoint(
     model_card_data: Mapping[str, Any] | None = None,
     keep_card: bool = False,
     dry_run: bool = False,
+    max_file_size: int | str = DEFAULT_MAX_FILE_SIZE,
 ) -> tuple[UploadPlan, CommitInfo | None]:
     """Upload ``folder`` to ``repo_id`` (weights as safetensors, config, code, tokenizer, card).
 
@@ -102,6 +103,7 @@ def push_checkpoint(
         model_card_data: Facts for the card (see ``MODEL_CARD_DATA_KEYS``), replacing the folder card's.
         keep_card: Upload the folder's README.md as it is.
         dry_run: Only plan; upload nothing and return ``(plan, None)``.
+        max_file_size: Largest file allowed, bytes or a string like ``"5GB"`` (see ``plan_upload``).
 
     Returns:
         The upload plan (files, skipped files with reasons) and the commit info.
@@ -114,7 +116,7 @@ def push_checkpoint(
     import hf_attn  # noqa: F401  (registers the hf_attn config class with AutoConfig)
 
     folder = Path(folder)
-    plan = plan_upload(folder)
+    plan = plan_upload(folder, max_file_size=max_file_size)
     with tempfile.TemporaryDirectory() as tmp:
         card = None
         has_card = MODEL_CARD in plan.files
@@ -137,7 +139,7 @@ def push_checkpoint(
             return plan, None
         commit = upload_checkpoint(
             folder, repo_id, private=private, token=token, revision=revision, create_pr=create_pr,
-            commit_message=commit_message, model_card=card,
+            commit_message=commit_message, model_card=card, max_file_size=max_file_size,
         )
     return plan, commit
 

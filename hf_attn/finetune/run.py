@@ -15,7 +15,6 @@ process first, and saving / pushing happens on the main process only.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,7 +32,6 @@ from transformers import (
     EarlyStoppingCallback,
     EvalPrediction,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     default_data_collator,
@@ -44,10 +42,9 @@ import hf_attn  # noqa: F401  (registers the hf_attn Auto classes)
 
 from ..metrics import load_metric
 from .args import DataArguments, ModelArguments
+from .checkpoints import resolve_resume_checkpoint
 from .data import BUILTIN_DATASET, load_raw_datasets
-from .hub import push_checkpoint
-
-logger = logging.getLogger(__name__)
+from .trainer import HfAttnTrainer
 
 # Metrics worth recording in the model card; runtimes and throughputs are not properties of the model.
 CARD_METRICS = ("accuracy", "f1", "loss", "perplexity")
@@ -226,13 +223,6 @@ def _check_early_stopping(model_args: ModelArguments, training_args: TrainingArg
         )
 
 
-def _resume_arg(value: str | None) -> str | bool | None:
-    # "last"/"true": resume from the newest checkpoint-N in output_dir (Trainer finds it)
-    if value is not None and value.lower() in ("last", "true"):
-        return True
-    return value
-
-
 def run_finetune(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -242,6 +232,8 @@ def run_finetune(
     """Train / evaluate / test as the ``do_*`` flags say, save to ``output_dir``, push if asked.
 
     ``callbacks`` are added to the Trainer's (after early stopping, when enabled).
+    ``--resume_from_checkpoint last`` resumes from the newest *complete* ``checkpoint-N`` in
+    ``output_dir``, skipping (with a warning) folders a killed save left incomplete.
 
     Returns:
         All metrics, keys prefixed "train_", "eval_", "test_".
@@ -251,8 +243,17 @@ def run_finetune(
             a tokenizer larger than the model's vocabulary, ...).
     """
     _check_early_stopping(model_args, training_args)
-    # Trainer's own push uploads everything in output_dir (pickled training_args.bin included) and
-    # replaces the model card; we push once at the end with hf_attn's allow-list instead.
+    # Found before any work, so a run with nothing to resume from fails in seconds, not after data loading.
+    resume = (
+        resolve_resume_checkpoint(
+            training_args.resume_from_checkpoint, training_args.output_dir,
+            require_optimizer=not training_args.save_only_model,
+        )
+        if training_args.do_train
+        else None
+    )
+    # One push, at the end, through HfAttnTrainer.push_to_hub (hf_attn's allow-list and card); no
+    # per-save pushes of intermediate states.
     push, training_args.push_to_hub = training_args.push_to_hub, False
     set_seed(training_args.seed)
 
@@ -316,7 +317,7 @@ def run_finetune(
             EarlyStoppingCallback(model_args.early_stopping_patience, model_args.early_stopping_threshold)
         )
     all_callbacks += callbacks or []
-    trainer = Trainer(
+    trainer = HfAttnTrainer(
         model=model,
         args=training_args,
         data_collator=collator,
@@ -330,7 +331,7 @@ def run_finetune(
 
     metrics: dict[str, float] = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=_resume_arg(training_args.resume_from_checkpoint))
+        result = trainer.train(resume_from_checkpoint=resume)
         metrics.update(result.metrics)
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
@@ -345,23 +346,14 @@ def run_finetune(
     if results:
         card.update(eval_results=results, eval_split=split)
     trainer.model.model_card_data = card
-    if training_args.do_train or push:
+    if push:
+        trainer.push_to_hub(commit_message="End of training")  # saves first: weights, config, code, card
+    elif training_args.do_train:
         trainer.save_model()  # save_pretrained: weights, config, code, model card (main process only)
-    if push and trainer.is_world_process_zero():
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-        plan, commit = push_checkpoint(
-            training_args.output_dir,
-            repo_id,
-            private=training_args.hub_private_repo,
-            token=training_args.hub_token,
-            revision=training_args.hub_revision,
-            commit_message="End of training",
-        )
-        logger.info("pushed %s to %s (skipped: %s)", plan.files, commit.commit_url if commit else None, plan.skipped)
     return metrics
 
 
-def _evaluate(trainer: Trainer, dataset: Dataset, prefix: str) -> dict[str, float]:
+def _evaluate(trainer: HfAttnTrainer, dataset: Dataset, prefix: str) -> dict[str, float]:
     metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
     trainer.log_metrics(prefix, metrics)
     trainer.save_metrics(prefix, metrics)
