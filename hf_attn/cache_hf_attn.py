@@ -56,10 +56,18 @@ def past_length(cache: Cache | None, config):
 
 
 class HfAttnCache(DynamicCache):
-    """``DynamicCache(config=config)``: the per-mode layers of an hf_attn model, plus a byte count."""
+    """``DynamicCache(config=config)``: the per-mode layers of an hf_attn model, plus a byte count and a
+    sequence length for low-rank caches. The model and ``generate()`` create this one."""
 
     def __init__(self, config) -> None:
         super().__init__(config=config)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far. transformers leaves this undefined for a cache of linear-attention layers
+        only (5.23's generate still asks): a low-rank layer counts its tokens itself."""
+        if self.layers and all(self.is_linear):
+            return getattr(self.layers[layer_idx], "hf_attn_seen_tokens", 0)
+        return super().get_seq_length(layer_idx)
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors."""

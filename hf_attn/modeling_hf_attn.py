@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -23,7 +24,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import (
     create_bidirectional_mask,
@@ -680,6 +681,22 @@ class HfAttnForCausalLM(HfAttnPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """transformers' cache choice; for ``lowrank`` its default ``DynamicCache`` is swapped for
+        ``HfAttnCache`` (the same layers, plus the token count that transformers < 5.24 asks a cache of
+        linear-attention layers for)."""
+        mode = kwargs.get("generation_mode", args[0] if args else None)
+        if self.config.attention_mode == "lowrank" and mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "assisted decoding and prompt lookup roll the cache back after each draft, but "
+                "attention_mode='lowrank' keeps a running sum of the past, which cannot be cropped; "
+                "use attention_mode 'eager', 'rope' or 'local' for them"
+            )
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get(CACHE_KWARG)
+        if self.config.attention_mode == "lowrank" and type(cache) is DynamicCache and not cache.offloading:
+            model_kwargs[CACHE_KWARG] = HfAttnCache(self.config)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

@@ -11,6 +11,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, Li
 
 from hf_attn import HfAttnForCausalLM
 
+OLD_TRANSFORMERS = CACHE == "past_key_values"  # before 5.24
 CROPPABLE = [v for v in MODE_VARIANTS if v[0] != "lowrank"]
 
 
@@ -80,6 +81,8 @@ def test_lowrank_refuses_rollback_with_value_error():
 @pytest.mark.parametrize("mode,pos", MODE_VARIANTS, ids=MODE_IDS)
 @torch.no_grad()
 def test_static_cache_equals_dynamic_cache(mode, pos):
+    if mode == "lowrank" and OLD_TRANSFORMERS:
+        pytest.skip("transformers < 5.24 asks a static cache of linear-attention layers for a length it lacks")
     model = make_lm(mode, pos)
     ids = prompt(2, 6)
     dynamic = model.generate(ids, max_new_tokens=9, do_sample=False)
