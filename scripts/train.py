@@ -6,7 +6,8 @@
 
 Any config key can be overridden with a dotted flag, e.g. ``--model.attention_mode local
 --training.max_steps 10``; ``--resume`` continues from the last complete checkpoint of
-``training.output_dir``. See docs/training.md.
+``training.output_dir``. SIGTERM or Ctrl-C stops after the current optimizer step with a checkpoint
+and prints the command that continues the run (exit code 128 + the signal number). See docs/training.md.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import math
 import sys
 
-from hf_attn.training import load_config, train
+from hf_attn.training import TrainingInterrupted, load_config, resume_command, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
     except ValueError as err:
         parser.error(str(err))  # exit code 2 with the message, before any work
-    result = train(config)
+    try:
+        result = train(config)
+    except TrainingInterrupted as stopped:
+        if stopped.is_main_process:
+            command = resume_command(sys.argv[0], args.config, overrides, stopped.num_processes)
+            print(f"{stopped}\nresume with: {command}", flush=True)
+        return stopped.exit_code
     if result.is_main_process:
         speed = (
             ""

@@ -34,7 +34,11 @@ from hf_attn.finetune import (
     load_raw_datasets,
     run_finetune,
 )
-from hf_attn.finetune.checkpoints import checkpoint_problems, last_complete_checkpoint, resolve_resume_checkpoint
+from hf_attn.finetune.checkpoints import (
+    checkpoint_problems,
+    last_complete_checkpoint,
+    resolve_resume_checkpoint,
+)
 from hf_attn.finetune.data import stdlib_dir
 from hf_attn.finetune.run import prepare_causal_lm, prepare_classification
 from hf_attn.metrics import load_metric

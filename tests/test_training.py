@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,20 +26,23 @@ import accelerate.accelerator
 import datasets
 import pytest
 import torch
+import yaml
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_attn import ATTENTION_MODES, HfAttnForCausalLM
 from hf_attn.metrics import available_metrics, load_metric
-from hf_attn.training import CheckpointError, NonFiniteLossError, load_config, train
+from hf_attn.training import CheckpointError, NonFiniteLossError, load_config, resume_command, train
 from hf_attn.training.checkpoint import (
     COMPLETE_MARKER,
     checkpoint_name,
     latest_checkpoint,
     list_complete_checkpoints,
     read_checkpoint_metadata,
+    save_checkpoint,
 )
-from hf_attn.training.config import apply_overrides, config_from_dict
+from hf_attn.training.config import apply_overrides, config_from_dict, save_config
 from hf_attn.training.data import stdlib_root
 from hf_attn.training.generation import generate_text
 from hf_attn.training.trainer import WarmupCosine
@@ -379,29 +383,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(reference, workspace, tmp_path):
-    run_dir = tmp_path / "ddp"
-    overrides = tiny_overrides(workspace, run_dir, training__per_device_batch_size=2)  # 2 x 2 = 4 = reference
+def launch(
+    workspace: dict[str, Path], accelerate_config: str, script_args: list[str], *launcher_args: str
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file configs/accelerate/<accelerate_config> scripts/train.py ...``."""
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / accelerate_config),
+        *launcher_args,
         "--main_process_port",
         str(_free_port()),
         str(TRAIN_SCRIPT),
-        *cli_args(overrides),
+        *script_args,
     ]
-    proc = subprocess.run(command, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=subprocess_env(workspace), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def ddp_run(workspace) -> Path:
+    """The reference run as DDP over 2 CPU processes (2 x 2 blocks = the reference's 4), via cpu_ddp.yaml."""
+    run_dir = workspace["root"] / "ddp"
+    overrides = tiny_overrides(workspace, run_dir, training__per_device_batch_size=2)
+    proc = launch(workspace, "cpu_ddp.yaml", cli_args(overrides))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(reference, ddp_run):
+    run_dir = ddp_run
     summary = json.loads((run_dir / "final" / "train_results.json").read_text())
     assert summary["num_processes"] == 2  # really one 2-process group, not two separate runs
     losses = read_losses(run_dir)
@@ -531,7 +543,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_recover
 
 
 def test_resume_refuses_a_changed_model_and_a_fresh_run_refuses_a_used_folder(reference, workspace):
-    with pytest.raises(ValueError, match=r"config model changed since the checkpoint"):
+    with pytest.raises(ValueError, match=r"config model.hidden_size changed since the checkpoint"):
         train(tiny_config(workspace, reference.output_dir, model__hidden_size=64, training__resume=True))
     with pytest.raises(ValueError, match=r"already holds a run .*--resume"):
         train(tiny_config(workspace, reference.output_dir))
@@ -606,3 +618,240 @@ def test_fp16_without_a_gpu_is_refused_before_training(workspace, tmp_path):
     with pytest.raises(ValueError, match=r"training.mixed_precision='fp16' is invalid on this machine"):
         train(tiny_config(workspace, tmp_path / "fp16", training__mixed_precision="fp16"))
     assert not (tmp_path / "fp16").exists()
+
+
+# ---------------------------------------------------------------------------------------------- numbers in YAML
+
+
+def test_exponent_floats_are_numbers_on_the_command_line_and_in_files(workspace, tmp_path):
+    # PyYAML (YAML 1.1) reads 5e-3 as the string '5e-3'; everyone writes learning rates that way.
+    config = load_config(None, ["--training.learning_rate", "5e-3", "--training.adam_epsilon=1E-6"])
+    assert config.training.learning_rate == 0.005 and config.training.adam_epsilon == 1e-6
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  rope_theta: 1e4\ntraining:\n  learning_rate: 5e-3\n  weight_decay: 1e-2\n")
+    config = load_config(path)
+    assert config.model["rope_theta"] == 10000.0 and isinstance(config.model["rope_theta"], float)
+    assert (config.training.learning_rate, config.training.weight_decay) == (0.005, 0.01)
+    # A quoted number stays a string and is refused, naming the key.
+    with pytest.raises(
+        ValueError, match=r"training.learning_rate='5e-3' is invalid: expected a number .*got a str"
+    ):
+        load_config(None, ["--training.learning_rate", "'5e-3'"])
+
+
+# ---------------------------------------------------------------------------------------------- config.yaml
+
+
+def test_config_yaml_is_replaced_atomically(workspace, tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(tiny_config(workspace, tmp_path), path)
+    before = path.read_text()
+    real_dump = yaml.safe_dump
+
+    def dump_half_then_fail(data, stream=None, **kwargs):
+        if stream is not None:  # writing straight into the target truncates it first
+            stream.write(real_dump(data, **kwargs)[:20])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_dump(data, **kwargs)
+
+    def replace_fails(src, dst):  # the disk fills (or the process dies) before the rename
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(yaml, "safe_dump", dump_half_then_fail)
+    monkeypatch.setattr(os, "replace", replace_fails)
+    with pytest.raises(OSError, match="No space left"):
+        save_config(tiny_config(workspace, tmp_path, training__max_steps=99), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    "content", ["", "model: [unclosed\n  - ", "\x00\x01 not yaml: : :"], ids=["empty", "corrupt", "binary"]
+)
+def test_an_empty_or_corrupt_config_yaml_does_not_block_resume(reference, workspace, tmp_path, content):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.output_dir, run_dir)
+    (run_dir / "config.yaml").write_text(content)
+    # The checkpoint carries the config it was written with: a changed model is still refused.
+    with pytest.raises(ValueError, match=r"config model.hidden_size changed"):
+        train(tiny_config(workspace, run_dir, model__hidden_size=64, training__resume=True))
+    resumed = train(tiny_config(workspace, run_dir, training__resume=True))
+    assert resumed.resumed_from == run_dir / "checkpoints" / checkpoint_name(MAX_STEPS)
+    assert_same_weights(final_weights(run_dir), final_weights(reference.output_dir))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["max_steps"] == MAX_STEPS
+
+
+# ---------------------------------------------------------------------------------------------- resume honesty
+
+
+def test_resume_applies_a_changed_schedule_and_optimizer(reference, workspace, tmp_path, capsys):
+    run_dir = tmp_path / "longer"
+    shutil.copytree(reference.output_dir, run_dir)
+    changed = {
+        "training__max_steps": 15,
+        "training__learning_rate": 2e-3,
+        "training__warmup_steps": 4,
+        "training__weight_decay": 0.05,
+        "training__adam_beta2": 0.99,
+    }
+    resumed = train(tiny_config(workspace, run_dir, training__resume=True, **changed))
+    assert sorted(resumed.losses) == [13, 14, 15]
+    out = capsys.readouterr().out
+    assert "training.max_steps: 12 -> 15" in out and "training.learning_rate: 0.005 -> 0.002" in out
+    # The cosine is rebuilt to end at the new max_steps with the new peak and warmup, not left at
+    # the old run's minimum (5e-4 from step 12 on).
+    schedule = WarmupCosine(warmup=4, total=15, min_ratio=0.1)
+    logged = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/lr" in row:
+            logged[row["step"]] = row["train/lr"]
+    for step in (13, 14, 15):
+        assert logged[step] == pytest.approx(2e-3 * schedule(step), rel=1e-12), step
+    optimizer = torch.load(run_dir / "checkpoints" / checkpoint_name(15) / "optimizer.bin", weights_only=True)
+    groups = optimizer["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.99) and g["initial_lr"] == 2e-3 for g in groups)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["max_steps"] == 15
+
+
+def test_resume_on_another_number_of_processes_keeps_the_global_batch_or_is_refused(
+    reference, ddp_run, workspace, tmp_path
+):
+    run_dir = tmp_path / "from_ddp"
+    shutil.copytree(ddp_run, run_dir)
+    # 2 processes x 2 blocks were 4 blocks per step; 1 process x 2 would silently halve it.
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(workspace, run_dir, training__per_device_batch_size=2, training__resume=True))
+    message = str(info.value)
+    for fragment in (
+        "global batch would change from 4 to 2",
+        "training.per_device_batch_size x processes x training.gradient_accumulation_steps",
+        "2 x 2 x 1 -> 2 x 1 x 1",
+        "--training.per_device_batch_size 4",
+    ):
+        assert fragment in message
+    # 1 process x 4 blocks keeps the global batch: the run continues on the reference's trajectory.
+    for step in (9, 12):
+        shutil.rmtree(run_dir / "checkpoints" / checkpoint_name(step))
+    shutil.rmtree(run_dir / "final")
+    resumed = train(tiny_config(workspace, run_dir, training__per_device_batch_size=4, training__resume=True))
+    assert resumed.resumed_from == run_dir / "checkpoints" / checkpoint_name(6)
+    assert sorted(resumed.losses) == list(range(7, MAX_STEPS + 1))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(reference.losses[step], rel=1e-5), step
+    assert_same_weights(final_weights(run_dir), final_weights(reference.output_dir), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- stop signals
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_checkpoints_the_step_and_resume_ends_with_the_same_weights(
+    reference, workspace, tmp_path, sig
+):
+    run_dir = tmp_path / "stopped"
+    overrides = tiny_overrides(workspace, run_dir)
+    proc = subprocess.Popen(
+        _slow_training_command(overrides),
+        env=subprocess_env(workspace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run_dir / "metrics.jsonl").exists() and max(read_losses(run_dir), default=0) >= 4:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"run ended before step 4: {proc.stdout.read()[-3000:]}"
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, output[-3000:]
+    stopped_at = max(read_losses(run_dir))
+    assert 4 <= stopped_at < MAX_STEPS
+    assert f"stopped by {sig.name} after step {stopped_at} of {MAX_STEPS}" in output
+    assert f"resume with: {resume_command(str(TRAIN_SCRIPT), None, cli_args(overrides))}\n" in output
+    assert latest_checkpoint(run_dir / "checkpoints") == run_dir / "checkpoints" / checkpoint_name(stopped_at)
+    assert not (run_dir / "final").exists()
+
+    # What the printed command does (the SIGKILL test runs that command itself).
+    resumed = train(tiny_config(workspace, run_dir, training__resume=True))
+    assert min(resumed.losses) == stopped_at + 1
+    assert_same_weights(final_weights(run_dir), final_weights(reference.output_dir))
+
+
+# ---------------------------------------------------------------------------------------------- full disk
+
+
+def _enospc(folder: str) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _torch_wrapping_enospc(folder: str) -> None:
+    try:
+        _enospc(folder)
+    except OSError as err:
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0"
+        ) from err
+
+
+def _torch_zip_writer_on_a_full_disk(folder: str) -> None:
+    # What torch.save really raises when the disk fills: no errno, nothing about space.
+    if Path("/dev/full").exists():
+        torch.save({"weights": torch.zeros(1000)}, "/dev/full")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+@pytest.mark.parametrize(
+    "save_state",
+    [_enospc, _torch_wrapping_enospc, _torch_zip_writer_on_a_full_disk],
+    ids=["oserror", "torch-wrapped-oserror", "torch-zip-writer"],
+)
+def test_a_full_disk_is_named_in_the_checkpoint_error(tmp_path, save_state):
+    accelerator = Accelerator()
+    accelerator.save_state = save_state
+    root = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(accelerator, root, 6, keep=2)
+    message = str(info.value)
+    assert "No space left on device" in message and "ENOSPC" in message and "MiB free" in message
+    assert str(root / checkpoint_name(6)) in message and "previous checkpoint is intact" in message
+    assert "inline_container" not in message  # torch's own text stays in the chained exception
+    assert list(root.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- FSDP
+
+
+def test_fsdp_config_runs_on_cpu_matches_ddp_step_by_step_and_resumes(ddp_run, workspace, tmp_path):
+    run_dir = tmp_path / "fsdp"
+    args = cli_args(tiny_overrides(workspace, run_dir, training__per_device_batch_size=2))
+    on_two_cpu_processes = ("--num_processes", "2", "--mixed_precision", "no")
+    proc = launch(workspace, "fsdp.yaml", args, *on_two_cpu_processes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) (FSDP)" in proc.stdout  # not DDP in disguise
+    assert (run_dir / "checkpoints" / checkpoint_name(9) / "pytorch_model_fsdp_0").is_dir()  # sharded
+    losses, ddp_losses = read_losses(run_dir), read_losses(ddp_run)
+    assert losses.keys() == ddp_losses.keys() == set(range(1, MAX_STEPS + 1))
+    for step, loss in ddp_losses.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    fsdp_weights = final_weights(run_dir)
+    assert_same_weights(fsdp_weights, final_weights(ddp_run), atol=1e-5)
+
+    # Resume the sharded checkpoint of step 9: the same final weights as the uninterrupted FSDP run.
+    shutil.rmtree(run_dir / "checkpoints" / checkpoint_name(12))
+    shutil.rmtree(run_dir / "final")
+    proc = launch(workspace, "fsdp.yaml", [*args, "--resume"], *on_two_cpu_processes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / checkpoint_name(9)} at step 9" in proc.stdout
+    assert_same_weights(final_weights(run_dir), fsdp_weights)
+    # One process cannot load shards written by two.
+    with pytest.raises(ValueError, match=r"sharded by FSDP by 2 process\(es\) .* same number of processes"):
+        train(tiny_config(workspace, run_dir, training__per_device_batch_size=4, training__resume=True))

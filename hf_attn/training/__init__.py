@@ -7,7 +7,8 @@ Not imported by the modeling files (the Hub copy of the model stays small); impo
 """
 
 from hf_attn.training.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
-from hf_attn.training.config import ExperimentConfig, config_from_dict, load_config
+from hf_attn.training.config import ExperimentConfig, config_from_dict, load_config, resume_command
+from hf_attn.training.signals import TrainingInterrupted
 from hf_attn.training.tokenizer import load_tokenizer, train_bpe_tokenizer
 from hf_attn.training.trainer import NonFiniteLossError, TrainResult, train
 
@@ -16,10 +17,12 @@ __all__ = [
     "ExperimentConfig",
     "NonFiniteLossError",
     "TrainResult",
+    "TrainingInterrupted",
     "config_from_dict",
     "latest_checkpoint",
     "load_config",
     "load_tokenizer",
+    "resume_command",
     "save_checkpoint",
     "train",
     "train_bpe_tokenizer",

@@ -13,6 +13,7 @@ previous checkpoint is untouched. ``latest_checkpoint`` only returns folders tha
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+from hf_attn.training.fileio import fsync_dir
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 _NAME_RE = re.compile(r"^step_(\d{8,})$")
@@ -64,32 +67,60 @@ def read_checkpoint_metadata(folder: str | Path) -> dict[str, Any]:
         return json.load(fh)
 
 
-def _fsync_dir(path: Path) -> None:
-    # Make the rename itself durable; not all platforms allow opening a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_marker(folder: Path, metadata: dict[str, Any]) -> None:
     marker = folder / COMPLETE_MARKER
     with marker.open("w", encoding="utf-8") as fh:
-        json.dump(metadata, fh, indent=2)
+        json.dump(metadata, fh, indent=2, default=str)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def _any_process_failed(accelerator: Accelerator, failed: bool) -> bool:
-    # Every process must take the same branch afterwards, or the others would wait forever.
-    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (a collective: call it on all processes).
+
+    Every process must take the same branch afterwards, or the others would wait forever.
+    """
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+# How the libraries under save_state report a full disk: torch's zip writer drops the errno
+# ("[enforce fail at inline_container.cc:...] . unexpected pos ...", "PytorchStreamWriter failed writing
+# file"); safetensors' Rust writer keeps it in its text ("IoError(Os { code: 28, kind: StorageFull, ...").
+_TORCH_WRITER_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|iostream error")
+_NO_SPACE_TEXT = re.compile(r"No space left on device|StorageFull")
+_QUOTA_TEXT = re.compile(r"Disk quota exceeded|QuotaExceeded")
+
+
+def describe_write_error(error: BaseException, folder: str | Path) -> str:
+    """Say in a user's words why writing into ``folder`` failed.
+
+    A full disk is named as such ("No space left on device (ENOSPC)", with the free space left on
+    the folder's filesystem) whichever library raised it: an ``OSError`` anywhere in the exception
+    chain, safetensors' error text, or torch's zip-writer error, which carries no errno.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    codes = {e.errno for e in chain if isinstance(e, OSError)}
+    text = " ".join(str(e) for e in chain)
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free on that filesystem"
+    except OSError:
+        free = "free space unknown"
+    if errno.EDQUOT in codes or _QUOTA_TEXT.search(text):
+        return f"Disk quota exceeded (EDQUOT; {free}); make room or raise the quota, then resume"
+    if errno.ENOSPC in codes or _NO_SPACE_TEXT.search(text):
+        return f"No space left on device (ENOSPC; {free}); make room, then resume"
+    if _TORCH_WRITER_FAILURE.search(text):
+        # No errno to go on: give the likeliest cause and the evidence.
+        return (
+            f"torch's file writer failed, as it does when the disk is full (No space left on device, ENOSPC; "
+            f"{free}) or on an I/O error"
+        )
+    return f"{type(error).__name__}: {error}"
 
 
 def publish_folder_atomically(
@@ -124,13 +155,16 @@ def publish_folder_atomically(
             _write_marker(tmp_dir, marker)
     except Exception as err:  # full disk, quota, I/O error...: every process must learn of it
         error = err
-    if _any_process_failed(accelerator, error is not None):
+    if any_process(accelerator, error is not None):
+        # Read the cause before removing the partial folder, which frees the space it took.
+        cause = (
+            describe_write_error(error, tmp_dir) if error is not None else "another process failed to write"
+        )
         if accelerator.is_main_process:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         accelerator.wait_for_everyone()
-        cause = f"{type(error).__name__}: {error}" if error is not None else "another process failed to write"
         raise CheckpointError(
-            f"could not write {what} {final_dir} ({cause}); the partial folder was removed and the previous "
+            f"could not write {what} {final_dir}: {cause}. The partial folder was removed and the previous "
             f"{what} is intact"
         ) from error
 
@@ -141,7 +175,7 @@ def publish_folder_atomically(
             shutil.rmtree(old_dir, ignore_errors=True)
             os.replace(final_dir, old_dir)
         os.replace(tmp_dir, final_dir)
-        _fsync_dir(final_dir.parent)
+        fsync_dir(final_dir.parent)
         shutil.rmtree(old_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final_dir
@@ -179,6 +213,8 @@ def save_checkpoint(
 __all__ = [
     "COMPLETE_MARKER",
     "CheckpointError",
+    "any_process",
+    "describe_write_error",
     "checkpoint_name",
     "list_complete_checkpoints",
     "latest_checkpoint",

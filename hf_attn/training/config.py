@@ -10,7 +10,7 @@ A config is data only (``configs/<size>_<mode>.yaml``)::
 Every key is checked before any work starts: an unknown key or a bad value raises ``ValueError``
 naming the dotted key (``training.max_steps``), the value and what is allowed. Command-line flags
 ``--section.key value`` (or ``--section.key=value``) override the file; values are parsed as YAML,
-so ``10`` is an int, ``null`` is None and ``[a, b]`` is a list.
+so ``10`` is an int, ``5e-3`` a float, ``null`` is None and ``[a, b]`` is a list.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
+import shlex
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from typing import Any
 import yaml
 
 from hf_attn.configuration_hf_attn import HfAttnConfig
+from hf_attn.training.fileio import write_text_atomically
 
 # --------------------------------------------------------------------------------------------------
 # Value checks. Each returns None when the value is fine, else the "allowed" half of the message.
@@ -42,6 +46,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _got(value: Any) -> str:
+    # A quoted number ("0.001") reads as a string; say so, since the value looks right when printed.
+    return f" (got a {type(value).__name__})" if isinstance(value, (str, bool)) else ""
+
+
 def integer(minimum: int, *, optional: bool = False) -> Check:
     """An int >= minimum (or None when ``optional``)."""
 
@@ -50,7 +59,7 @@ def integer(minimum: int, *, optional: bool = False) -> Check:
             return None
         if _is_int(value) and value >= minimum:
             return None
-        return f"expected an integer >= {minimum}" + (" or null" if optional else "")
+        return f"expected an integer >= {minimum}" + (" or null" if optional else "") + _got(value)
 
     return check
 
@@ -64,7 +73,7 @@ def number(low: float, high: float = math.inf, *, low_open: bool = False, option
         if _is_number(value) and (value > low if low_open else value >= low) and value <= high:
             return None
         interval = f"{'(' if low_open else '['}{low}, {high}{']' if high != math.inf else ')'}"
-        return f"expected a number in {interval}" + (" or null" if optional else "")
+        return f"expected a number in {interval}" + (" or null" if optional else "") + _got(value)
 
     return check
 
@@ -258,6 +267,26 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats such as ``5e-3`` and ``1E4`` as numbers.
+
+    PyYAML implements YAML 1.1, whose float pattern requires a dot (``5.0e-3``), so ``5e-3`` loads
+    as the string ``'5e-3'``; everyone writes learning rates that way.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(stream: Any) -> Any:
+    """Parse YAML text or a file object like ``yaml.safe_load``, with YAML 1.2 floats (``5e-3``)."""
+    return yaml.load(stream, Loader=_YamlLoader)  # a SafeLoader subclass: builds plain data only
+
+
 def _build_section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
     if not isinstance(values, Mapping):
         raise ValueError(f"config section {name!r} is invalid: expected a mapping of keys, got {values!r}")
@@ -357,6 +386,17 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
         ValueError: for an argument that is not ``--section.key`` form.
     """
     overrides: dict[str, Any] = {}
+    for key, text, _ in _split_override_args(args):
+        try:
+            overrides[key] = load_yaml(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"command-line value for {key} is not valid YAML: {text!r} ({err})") from err
+    return overrides
+
+
+def _split_override_args(args: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    """``(dotted key, value text, the arguments it came from)`` for each ``--section.key [value]``."""
+    parsed = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -366,18 +406,40 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
                 f"with section in {['model', *SECTIONS]}"
             )
         key, has_value, text = arg[2:].partition("=")
+        tokens = [arg]
         if not has_value:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 text = args[i + 1]
+                tokens.append(text)
                 i += 1
             else:
                 text = "true"
-        try:
-            overrides[key] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"command-line value for {key} is not valid YAML: {text!r} ({err})") from err
+        parsed.append((key, text, tokens))
         i += 1
-    return overrides
+    return parsed
+
+
+def resume_command(
+    script: str, config_path: str | None, overrides: Sequence[str], num_processes: int = 1
+) -> str:
+    """The shell command that continues a run started as ``script --config config_path *overrides``.
+
+    Used in the message of an interrupted run: the same arguments plus ``--resume``, without the
+    flags that contradict it (``training.resume``, ``training.overwrite_output_dir``). A
+    multi-process run is relaunched through ``accelerate launch``, whose options this process does
+    not see; the command says where they go.
+    """
+    kept = [
+        token
+        for key, _, tokens in _split_override_args(overrides)
+        if key not in ("training.resume", "training.overwrite_output_dir")
+        for token in tokens
+    ]
+    config = ["--config", config_path] if config_path is not None else []
+    arguments = shlex.join([script, *config, *kept, "--resume"])
+    if num_processes == 1:
+        return f"{shlex.quote(sys.executable)} {arguments}"
+    return f"accelerate launch <the launcher options of this run> {arguments}"
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -414,16 +476,18 @@ def load_config(
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
         with path.open(encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+            raw = load_yaml(fh) or {}
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(list(overrides))
     return config_from_dict(apply_overrides(raw, overrides))
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (what a run actually used)."""
-    with Path(path).open("w", encoding="utf-8") as fh:
-        yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+    """Write the resolved config as YAML (what a run actually used), atomically.
+
+    A crash or full disk mid-write leaves the previous file, never an empty or truncated one.
+    """
+    write_text_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def describe_keys() -> str:
@@ -445,6 +509,8 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "apply_overrides",
+    "load_yaml",
+    "resume_command",
     "save_config",
     "describe_keys",
 ]

@@ -8,7 +8,10 @@ an ``Accelerator``. What it adds on top:
   run with the same global batch take the same steps, and resume needs no batch replay;
 - AdamW (decay on matrices only), linear warmup + cosine decay, clipping, gradient accumulation;
 - validation perplexity with the shipped ``evaluate`` module ``hf_attn/metrics/perplexity``;
-- atomic checkpoints (``checkpoint.py``), ``resume`` from the last complete one;
+- atomic checkpoints (``checkpoint.py``), ``resume`` from the last complete one, with changed
+  optimizer/schedule keys applied and changes that would alter the run refused (``resume.py``);
+- SIGTERM / SIGINT stop at the next step boundary with a checkpoint (``signals.py``);
+- FSDP2 on CPU-only machines too (Accelerate itself only enables FSDP on accelerators);
 - a non-finite loss or gradient norm stops the run (or skips the step) before the optimizer
   touches the weights;
 - at the end a ``save_pretrained`` folder (safetensors + tokenizer + generation config + remote
@@ -21,19 +24,26 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, is_tensorboard_available, set_seed
+from accelerate.state import PartialState
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast_object_list,
+    is_tensorboard_available,
+    set_seed,
+)
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -42,6 +52,8 @@ from transformers import PreTrainedTokenizerBase
 from hf_attn import HfAttnForCausalLM
 from hf_attn.metrics import load_metric
 from hf_attn.training.checkpoint import (
+    any_process,
+    checkpoint_name,
     latest_checkpoint,
     publish_folder_atomically,
     save_checkpoint,
@@ -54,6 +66,8 @@ from hf_attn.training.data import (
     load_raw_datasets,
     tokenize_and_pack,
 )
+from hf_attn.training.resume import check_resume, read_run_record, run_record
+from hf_attn.training.signals import StopSignals, TrainingInterrupted
 from hf_attn.training.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 logger = get_logger(__name__)
@@ -64,13 +78,6 @@ TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
 RESOLVED_CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "train_results.json"
-
-# Keys that must match between a checkpoint's run and a resumed run: they decide the weights'
-# shapes, the data and its order. Everything else (max_steps, eval/log/checkpoint cadence) may change.
-# (data.cache_dir and data.num_proc only say where and how fast the same data is prepared.)
-_RESUME_MUST_MATCH = ("model", "data", "tokenizer")
-_RESUME_MAY_CHANGE = {"data": ("cache_dir", "num_proc")}
-_RESUME_TRAINING_MUST_MATCH = ("seed", "per_device_batch_size", "gradient_accumulation_steps")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,17 +139,49 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _param_group_settings(t: TrainingConfig) -> list[dict[str, Any]]:
+    # AdamW settings of the two parameter groups: decayed matrices, then undecayed norms and biases.
+    common = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
+    return [{**common, "weight_decay": t.weight_decay}, {**common, "weight_decay": 0.0}]
+
+
 def build_optimizer(model: torch.nn.Module, config: ExperimentConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (ndim >= 2) only; norms and biases are not decayed."""
-    t = config.training
     decay, no_decay = [], []
     for param in model.parameters():  # parameters() yields a tied weight once
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+    settings = _param_group_settings(config.training)
+    return torch.optim.AdamW([{"params": decay, **settings[0]}, {"params": no_decay, **settings[1]}])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay to ``min_lr_ratio``, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(t.warmup_steps, t.max_steps, t.min_lr_ratio)
     )
+
+
+def apply_training_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, t: TrainingConfig
+) -> None:
+    """Make a restored optimizer and schedule follow ``t``, keeping their step count and Adam moments.
+
+    ``load_state`` restores each group's lr, betas, eps and weight decay and the schedule's own fields
+    (warmup, total steps, minimum ratio, base LR) from the checkpoint, so without this a resumed run
+    would keep the old values whatever its config says (e.g. a raised ``max_steps`` would leave the LR
+    flat at its minimum). With unchanged settings this sets exactly the values already there.
+    """
+    for group, settings in zip(optimizer.param_groups, _param_group_settings(t)):
+        group.update(settings, initial_lr=t.learning_rate)
+    schedule = WarmupCosine(t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    scheduler.base_lrs = [t.learning_rate] * len(optimizer.param_groups)
+    scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+    # The LR of the next step, computed as LambdaLR.step() does: base LR x schedule(steps taken).
+    lrs = [base * schedule(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -240,17 +279,32 @@ class _MetricsLog:
                 fh.write(json.dumps({"step": step, **values}) + "\n")
 
 
-def _check_output_dir(config: ExperimentConfig, accelerator: Accelerator) -> Path | None:
-    """Decide where the run starts; returns the checkpoint to resume from (or None).
+@dataclass
+class _StartPoint:
+    """Where a run starts: the checkpoint to resume from (or None) and what the resume changes."""
+
+    checkpoint: Path | None = None
+    changes: list[str] = field(default_factory=list)  # "training.key: old -> new", applied
+    warning: str | None = None
+
+
+def _is_sharded(accelerator: Accelerator) -> bool:
+    # FSDP checkpoints hold one shard per process; the others hold whole tensors.
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _check_output_dir(config: ExperimentConfig, accelerator: Accelerator) -> _StartPoint:
+    """Decide where the run starts (and refuse a resume that would change the run).
 
     The main process decides and broadcasts, so that all processes agree even while it deletes.
     """
-    t = config.training
-    out = Path(t.output_dir)
-    decision: list[Any] = [None, None]  # [checkpoint to resume from, error message]
+    out = Path(config.training.output_dir)
+    decision: list[Any] = [None, None]  # [_StartPoint, error message]
     if accelerator.is_main_process:
         try:
-            decision[0] = _main_process_output_dir(config, out)
+            decision[0] = _main_process_output_dir(
+                config, out, accelerator.num_processes, _is_sharded(accelerator)
+            )
         except ValueError as err:
             decision[1] = str(err)
     broadcast_object_list(decision)
@@ -259,13 +313,22 @@ def _check_output_dir(config: ExperimentConfig, accelerator: Accelerator) -> Pat
     return decision[0]
 
 
-def _main_process_output_dir(config: ExperimentConfig, out: Path) -> Path | None:
+def _main_process_output_dir(
+    config: ExperimentConfig, out: Path, num_processes: int, sharded: bool
+) -> _StartPoint:
     t = config.training
     latest = latest_checkpoint(out / CHECKPOINTS_DIR)
     if t.resume:
-        if latest is not None:
-            _check_resume_compatible(config, out / RESOLVED_CONFIG_FILE)
-        return latest
+        if latest is None:
+            return _StartPoint()
+        record = read_run_record(latest, out / RESOLVED_CONFIG_FILE)
+        warning = None
+        if record.config is None:
+            warning = (
+                f"{latest} records no config and {record.source} is unreadable ({record.problem}): resuming "
+                "without checking which config keys changed"
+            )
+        return _StartPoint(latest, check_resume(record, config, num_processes, sharded), warning)
     if latest is not None or (out / FINAL_DIR).exists():
         if not t.overwrite_output_dir:
             found = latest.name if latest is not None else FINAL_DIR
@@ -280,29 +343,7 @@ def _main_process_output_dir(config: ExperimentConfig, out: Path) -> Path | None
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    return None
-
-
-def _check_resume_compatible(config: ExperimentConfig, saved_path: Path) -> None:
-    if not saved_path.is_file():
-        return
-    with saved_path.open(encoding="utf-8") as fh:
-        saved = yaml.safe_load(fh)
-    now = config.to_dict()
-    for section, keys in _RESUME_MAY_CHANGE.items():
-        for key in keys:
-            saved.get(section, {}).pop(key, None)
-            now[section].pop(key, None)
-    keys = [(s, None) for s in _RESUME_MUST_MATCH] + [("training", k) for k in _RESUME_TRAINING_MUST_MATCH]
-    for section, key in keys:
-        old = saved.get(section) if key is None else saved.get(section, {}).get(key)
-        new = now[section] if key is None else now[section][key]
-        if old != new:
-            name = section if key is None else f"{section}.{key}"
-            raise ValueError(
-                f"cannot resume: config {name} changed since the checkpoint was written ({old!r} -> {new!r}); "
-                f"resume with the original value or use another training.output_dir"
-            )
+    return _StartPoint()
 
 
 def _prepare_tokenizer(
@@ -331,18 +372,46 @@ def _prepare_tokenizer(
     return tokenizer
 
 
+def _use_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Switch a gloo ``MULTI_CPU`` group to FSDP2, as the launcher's FSDP config asked.
+
+    Accelerate only turns its FSDP plugin on for accelerator process groups: on a CPU-only machine
+    it forms a ``MULTI_CPU`` group and would silently train with DDP. torch's FSDP2 (``fully_shard``)
+    runs on CPU over gloo, so the state is switched to FSDP with the plugin that Accelerate builds
+    from the launcher's ``FSDP_*`` variables; everything downstream (``prepare``, sharded
+    ``save_state``/``load_state``, ``get_state_dict``) then takes its FSDP2 path.
+    """
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        # Accelerate's FSDP1 wrapper looks for an accelerator device and stops with "There are
+        # currently no available devices found"; say what to change instead.
+        raise ValueError(
+            f"FSDP on CPU needs fsdp_version: 2 (torch's fully_shard); the accelerate config has "
+            f"fsdp_version: {plugin.fsdp_version}, which Accelerate runs on GPUs only"
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    # Accelerate's collectives (reduce, gather...) read the type from PartialState's shared state.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
 def _make_accelerator(t: TrainingConfig) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = launched > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
         # `accelerate launch --multi_gpu` on a machine without GPUs would otherwise start N unrelated
         # single-process runs; cpu=True makes them one gloo (MULTI_CPU) group.
-        cpu=launched > 1 and not torch.cuda.is_available(),
+        cpu=on_cpu,
         mixed_precision=resolve_mixed_precision(t.mixed_precision),
         log_with=None if t.report_to == "none" else t.report_to,
         project_dir=t.output_dir,
         # The schedule is in optimizer steps; by default Accelerate would step it once per process.
         step_scheduler_with_optimizer=False,
     )
+    if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _use_fsdp_on_cpu(accelerator)
     if accelerator.num_processes != launched:
         raise RuntimeError(
             f"the launcher started {launched} processes but Accelerate formed a group of "
@@ -384,17 +453,23 @@ def _build_model(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -
     return model
 
 
+class _StepOutcome(NamedTuple):
+    """One step's forward/backward result, identical on every process."""
+
+    loss: float  # averaged over the global batch
+    nonfinite: bool  # any process saw a NaN/inf loss or gradient norm
+    grad_norm: torch.Tensor | None  # before clipping; None without clipping
+    stop: bool  # any process received a stop signal
+
+
 def _forward_backward(
     model: torch.nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
     accelerator: Accelerator,
     t: TrainingConfig,
-) -> tuple[float, bool, torch.Tensor | None]:
-    """Accumulate one optimizer step's gradients and clip them.
-
-    Returns (loss averaged over the global batch, whether any process saw a NaN/inf loss or
-    gradient norm, the gradient norm before clipping or None). Identical on every process.
-    """
+    stop_requested: bool,
+) -> _StepOutcome:
+    """Accumulate one optimizer step's gradients and clip them; share the step's flags."""
     accumulation = t.gradient_accumulation_steps
     micro_losses = []
     for micro in range(accumulation):
@@ -409,11 +484,26 @@ def _forward_backward(
     bad = not torch.isfinite(loss).item()
     if grad_norm is not None and accelerator.mixed_precision != "fp16":  # fp16: the grad scaler handles it
         bad = bad or not torch.isfinite(grad_norm).item()
-    # One collective for both values: every process must take the same branch afterwards.
-    stats = accelerator.reduce(
-        torch.stack([loss, torch.tensor(float(bad), device=loss.device)]), reduction="sum"
+    # One collective for the loss and both flags: every process must take the same branch afterwards.
+    flags = torch.tensor([float(bad), float(stop_requested)], device=loss.device)
+    stats = accelerator.reduce(torch.cat([loss.reshape(1), flags]), reduction="sum")
+    return _StepOutcome(
+        stats[0].item() / accelerator.num_processes, stats[1].item() > 0, grad_norm, stats[2].item() > 0
     )
-    return stats[0].item() / accelerator.num_processes, stats[1].item() > 0, grad_norm
+
+
+def _without_tied_duplicates(state_dict: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """Keep one name per shared parameter (the first, e.g. the embedding of a tied ``lm_head``).
+
+    FSDP's ``get_state_dict`` gathers every name into its own tensor, so ``save_pretrained`` no longer
+    sees that the output embedding *is* the input embedding and would save it twice.
+    """
+    first: dict[int, str] = {}
+    duplicates = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            duplicates.add(name)
+    return {name: value for name, value in state_dict.items() if name not in duplicates}
 
 
 def _save_final(
@@ -431,7 +521,7 @@ def _save_final(
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.model_card_data = _model_card_data(config, final_eval)
-            unwrapped.save_pretrained(str(folder), state_dict=state_dict)
+            unwrapped.save_pretrained(str(folder), state_dict=_without_tied_duplicates(state_dict, unwrapped))
             tokenizer.save_pretrained(str(folder))
             save_config(config, folder / "training_config.yaml")
             with (folder / RESULTS_FILE).open("w", encoding="utf-8") as fh:
@@ -449,11 +539,15 @@ def train(config: ExperimentConfig) -> TrainResult:
         NonFiniteLossError: on a NaN/inf loss with ``training.on_nonfinite_loss='stop'`` (or too many
             skipped steps in a row); the last checkpoint is intact.
         CheckpointError: if a checkpoint could not be written; the previous one is intact.
+        TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint of the last step was written.
     """
     t = config.training
     out = Path(t.output_dir)
     accelerator = _make_accelerator(t)
-    resume_dir = _check_output_dir(config, accelerator)
+    start = _check_output_dir(config, accelerator)
+    resume_dir = start.checkpoint
+    if start.warning is not None:
+        logger.warning(start.warning, main_process_only=True)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / RESOLVED_CONFIG_FILE)
@@ -464,10 +558,8 @@ def train(config: ExperimentConfig) -> TrainResult:
         periodic_blocks = validation_blocks.select(range(min(t.eval_blocks, len(validation_blocks))))
 
     model = _build_model(config, tokenizer)
-    optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(t.warmup_steps, t.max_steps, t.min_lr_ratio)
-    )
+    raw_optimizer = optimizer = build_optimizer(model, config)
+    raw_scheduler = scheduler = build_scheduler(optimizer, t)
     eval_loader = DataLoader(periodic_blocks, batch_size=t.eval_batch_size, shuffle=False)
     final_eval_loader = DataLoader(validation_blocks, batch_size=t.eval_batch_size, shuffle=False)
     model, optimizer, scheduler, eval_loader, final_eval_loader = accelerator.prepare(
@@ -477,7 +569,13 @@ def train(config: ExperimentConfig) -> TrainResult:
     accelerator.register_for_checkpointing(progress)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
+        apply_training_settings(raw_optimizer, raw_scheduler, t)
         accelerator.print(f"resumed from {resume_dir} at step {progress.step}")
+        if start.changes:
+            accelerator.print(
+                f"config changed since the checkpoint, applied from step {progress.step + 1}: "
+                + "; ".join(start.changes)
+            )
     elif t.resume:
         accelerator.print(f"no complete checkpoint in {out / CHECKPOINTS_DIR}: starting from scratch")
 
@@ -519,6 +617,41 @@ def train(config: ExperimentConfig) -> TrainResult:
         f"({accelerator.distributed_type.value}), mixed precision {accelerator.mixed_precision}"
     )
 
+    record = run_record(config, accelerator.num_processes, _is_sharded(accelerator))
+    last_saved_step = progress.step if resume_dir is not None else None
+
+    def checkpoint(step: int) -> Path:
+        nonlocal last_saved_step
+        folder = save_checkpoint(
+            accelerator,
+            out / CHECKPOINTS_DIR,
+            step,
+            keep=t.keep_checkpoints,
+            metadata={"tokens_seen": progress.tokens_seen, **record},
+        )
+        last_saved_step = step
+        return folder
+
+    def interrupted(stop: StopSignals) -> TrainingInterrupted:
+        folder = (
+            out / CHECKPOINTS_DIR / checkpoint_name(progress.step)
+            if last_saved_step == progress.step
+            else checkpoint(progress.step)
+        )
+        bar.close()
+        accelerator.end_training()  # flush the trackers
+        name = signal.Signals(stop.received).name if stop.requested else "a stop signal on another process"
+        return TrainingInterrupted(
+            f"stopped by {name} after step {progress.step} of {t.max_steps}; checkpoint {folder} holds the "
+            "whole training state: continue with --resume (same config and training.output_dir)",
+            signal_name=name,
+            step=progress.step,
+            checkpoint=folder,
+            exit_code=128 + (stop.received or signal.SIGTERM),
+            num_processes=accelerator.num_processes,
+            is_main_process=accelerator.is_main_process,
+        )
+
     # window_*: since the last log line; train_time/run_steps: this whole call (eval and checkpoints excluded).
     window_loss, window_losses, window_steps, window_time = 0.0, 0, 0, 0.0
     train_time, run_steps, consecutive_skips = 0.0, 0, 0
@@ -526,73 +659,77 @@ def train(config: ExperimentConfig) -> TrainResult:
     bar = tqdm(
         total=t.max_steps, initial=progress.step, desc="train", disable=not accelerator.is_local_main_process
     )
-    for step in range(progress.step + 1, t.max_steps + 1):  # 1-based: step s is the s-th optimizer step
-        started = time.perf_counter()
-        model.train()
-        loss, any_bad, grad_norm = _forward_backward(model, batches, accelerator, t)
-        if any_bad:
-            where = f"at step {step} (loss {loss}, grad norm {grad_norm})"
-            last = latest_checkpoint(out / CHECKPOINTS_DIR)
-            if accelerator.mixed_precision == "fp16":
-                optimizer.step()  # the grad scaler sees the inf/NaN gradients, skips and lowers its scale
-            optimizer.zero_grad(set_to_none=True)
-            if t.on_nonfinite_loss == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient {where}; the step was not applied, so the weights are "
-                    f"unchanged. Last complete checkpoint: {last}. Lower training.learning_rate, use "
-                    "mixed_precision bf16, or set training.on_nonfinite_loss=skip"
-                )
-            consecutive_skips += 1
-            progress.skipped_steps += 1
-            result.skipped_steps += 1
-            logger.warning(f"skipped non-finite step {where}", main_process_only=True)
-            if consecutive_skips > t.max_consecutive_skips:
-                raise NonFiniteLossError(
-                    f"{consecutive_skips} non-finite steps in a row, the last {where}; more than "
-                    f"training.max_consecutive_skips={t.max_consecutive_skips}. Last complete checkpoint: {last}"
-                )
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            consecutive_skips = 0
-            result.losses[step] = loss
-            window_loss += loss
-            window_losses += 1
-        scheduler.step()
-        progress.step = step
-        progress.tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - started
-        window_time, window_steps = window_time + elapsed, window_steps + 1
-        train_time, run_steps = train_time + elapsed, run_steps + 1
-        bar.update(1)
+    stop = StopSignals(announce=accelerator.is_local_main_process)
+    with stop:
+        for step in range(progress.step + 1, t.max_steps + 1):  # 1-based: step s is the s-th optimizer step
+            started = time.perf_counter()
+            model.train()
+            outcome = _forward_backward(model, batches, accelerator, t, stop.requested)
+            loss, grad_norm = outcome.loss, outcome.grad_norm
+            if outcome.nonfinite:
+                where = f"at step {step} (loss {loss}, grad norm {grad_norm})"
+                last = latest_checkpoint(out / CHECKPOINTS_DIR)
+                if accelerator.mixed_precision == "fp16":
+                    optimizer.step()  # the grad scaler sees the inf/NaN gradients, skips and lowers its scale
+                optimizer.zero_grad(set_to_none=True)
+                if t.on_nonfinite_loss == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient {where}; the step was not applied, so the weights are "
+                        f"unchanged. Last complete checkpoint: {last}. Lower training.learning_rate, use "
+                        "mixed_precision bf16, or set training.on_nonfinite_loss=skip"
+                    )
+                consecutive_skips += 1
+                progress.skipped_steps += 1
+                result.skipped_steps += 1
+                logger.warning(f"skipped non-finite step {where}", main_process_only=True)
+                if consecutive_skips > t.max_consecutive_skips:
+                    raise NonFiniteLossError(
+                        f"{consecutive_skips} non-finite steps in a row, the last {where}; more than "
+                        f"training.max_consecutive_skips={t.max_consecutive_skips}. Last complete checkpoint: {last}"
+                    )
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                consecutive_skips = 0
+                result.losses[step] = loss
+                window_loss += loss
+                window_losses += 1
+            scheduler.step()
+            progress.step = step
+            progress.tokens_seen += tokens_per_step
+            elapsed = time.perf_counter() - started
+            window_time, window_steps = window_time + elapsed, window_steps + 1
+            train_time, run_steps = train_time + elapsed, run_steps + 1
+            bar.update(1)
 
-        done = step == t.max_steps
-        if step % t.log_every == 0 or done:
-            values = {
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_second": tokens_per_step * window_steps / window_time,
-            }
-            if window_losses:  # every step of the window may have been skipped
-                values["train/loss"] = window_loss / window_losses
-            if grad_norm is not None and not any_bad:
-                values["train/grad_norm"] = float(grad_norm)
-            log.log(values, step=step)
-            bar.set_postfix(
-                loss=f"{values.get('train/loss', float('nan')):.3f}", lr=f"{values['train/lr']:.2e}"
-            )
-            window_loss, window_losses, window_steps, window_time = 0.0, 0, 0, 0.0
-        if t.eval_every and step % t.eval_every == 0 and not done:
-            evaluation = evaluate_perplexity(model, eval_loader, accelerator)
-            result.evaluations.append({"step": step, **evaluation})
-            log.log({"eval/perplexity": evaluation["perplexity"], "eval/loss": evaluation["mean_loss"]}, step)
-        if t.checkpoint_every and (step % t.checkpoint_every == 0 or done):
-            save_checkpoint(
-                accelerator,
-                out / CHECKPOINTS_DIR,
-                step,
-                keep=t.keep_checkpoints,
-                metadata={"tokens_seen": progress.tokens_seen},
-            )
+            done = step == t.max_steps
+            if step % t.log_every == 0 or done:
+                values = {
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_second": tokens_per_step * window_steps / window_time,
+                }
+                if window_losses:  # every step of the window may have been skipped
+                    values["train/loss"] = window_loss / window_losses
+                if grad_norm is not None and not outcome.nonfinite:
+                    values["train/grad_norm"] = float(grad_norm)
+                log.log(values, step=step)
+                bar.set_postfix(
+                    loss=f"{values.get('train/loss', float('nan')):.3f}", lr=f"{values['train/lr']:.2e}"
+                )
+                window_loss, window_losses, window_steps, window_time = 0.0, 0, 0, 0.0
+            if outcome.stop:  # before any evaluation: a preempted job may have seconds left
+                raise interrupted(stop)
+            if t.eval_every and step % t.eval_every == 0 and not done:
+                evaluation = evaluate_perplexity(model, eval_loader, accelerator)
+                result.evaluations.append({"step": step, **evaluation})
+                log.log(
+                    {"eval/perplexity": evaluation["perplexity"], "eval/loss": evaluation["mean_loss"]}, step
+                )
+            if t.checkpoint_every and (step % t.checkpoint_every == 0 or done):
+                checkpoint(step)
+        # A signal during the last step's update or checkpoint: stop before the final evaluation.
+        if any_process(accelerator, stop.requested):
+            raise interrupted(stop)
     bar.close()
     if run_steps:
         result.tokens_per_second = tokens_per_step * run_steps / train_time
@@ -625,8 +762,11 @@ __all__ = [
     "NonFiniteLossError",
     "TrainProgress",
     "TrainResult",
+    "TrainingInterrupted",
     "WarmupCosine",
+    "apply_training_settings",
     "build_optimizer",
+    "build_scheduler",
     "evaluate_perplexity",
     "resolve_mixed_precision",
     "train",
