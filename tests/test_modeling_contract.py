@@ -201,6 +201,20 @@ def test_disk_offloaded_model_equals_in_memory(tmp_path, mode, pos):
     torch.testing.assert_close(model(x).logits, expected)
 
 
+@pytest.mark.parametrize("mode", ["eager", "local", "lowrank", "rope"])
+@torch.no_grad()
+def test_device_map_auto_with_disk_offload_equals_in_memory(tmp_path, mode):
+    model = make_lm(mode)
+    x = ids()
+    expected = model(x).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ckpt", device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=str(tmp_path / "offload")
+    )
+    assert any(p.device.type == "meta" for p in offloaded.parameters())  # some layers live on disk
+    torch.testing.assert_close(offloaded(x).logits, expected)
+
+
 @pytest.mark.parametrize("mode,pos", MODE_VARIANTS, ids=MODE_IDS)
 @torch.no_grad()
 def test_lora_on_every_linear_layer_applies_and_merges_back(mode, pos):
