@@ -11,6 +11,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .attention_registry import ATTENTION_REGISTRY, get_attention_spec
 from .cache_hf_attn import HfAttnCache
 from .configuration_hf_attn import ATTENTION_MODES, HfAttnConfig
+from .lend_local import register_local_attention
 from .modeling_hf_attn import (
     HfAttnForCausalLM,
     HfAttnForSequenceClassification,
@@ -28,6 +29,10 @@ AutoModelForSequenceClassification.register(HfAttnConfig, HfAttnForSequenceClass
 # Trainer reads this table to know a model is a causal LM (label smoothing then shifts the labels).
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(HfAttnConfig.model_type, HfAttnForCausalLM.__name__)
 
+# attn_implementation="hf_attn_local": the O(n * w) local kernel for stock sliding-window models
+# (Mistral, Qwen2, Gemma 3 ...). Registered here, not in the modeling code a checkpoint carries.
+register_local_attention()
+
 HfAttnConfig.register_for_auto_class()
 HfAttnModel.register_for_auto_class("AutoModel")
 HfAttnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
@@ -43,4 +48,5 @@ __all__ = [
     "HfAttnModel",
     "HfAttnPreTrainedModel",
     "get_attention_spec",
+    "register_local_attention",
 ]

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import cache_of
 from transformers import DynamicCache
 
 from hf_attn.benchmark import cli, report
@@ -71,7 +72,7 @@ def test_time_interleaved_repeats_fast_cases_within_the_budget():
 def test_cache_nbytes_of_hf_dynamic_cache_equals_its_keys_and_values():
     model = build_reference_model("llama_sdpa", TINY).eval()
     with torch.no_grad():
-        cache = model(torch.randint(0, 64, (2, 5)), use_cache=True).past_key_values
+        cache = cache_of(model(torch.randint(0, 64, (2, 5)), use_cache=True))
     assert isinstance(cache, DynamicCache)
     expected = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert expected == 1 * 2 * (2 * 2 * 5 * 16) * 4  # layers * (K, V) * (B, H, T, D) * fp32
@@ -102,14 +103,18 @@ def test_our_cache_bytes_match_the_cache_tensors(mode):
     prompt = torch.randint(0, 64, (1, 3))
     curve = cache_bytes_curve(model, prompt, new_tokens=12)
     with torch.no_grad():
-        cache = model(prompt, use_cache=True).past_key_values
-    assert curve[0][1] == cache_nbytes(cache) == cache.nbytes()  # our count == the cache's own count
+        cache = cache_of(model(prompt, use_cache=True))
+    assert curve[0][1] == cache_nbytes(cache)
+    # the walk also counts transformers' bookkeeping: one int64 window size per sliding layer
+    assert cache_nbytes(cache) - cache.nbytes() == (8 if mode == "local" else 0)
     per_token = 2 * 2 * 16 * 4  # (K, V) * H * D * fp32, one layer
     sizes = dict(curve)
     if mode in ("eager", "rope"):
         assert sizes[12] == (3 + 12) * per_token
     elif mode == "local":
-        assert sizes[12] == sizes[8] == (TINY.window - 1) * per_token
+        # transformers' sliding layer keeps a view of the last w - 1 rows of the (w-row) concatenation,
+        # so the storage it pins holds w tokens; + its int64 window size
+        assert sizes[12] == sizes[8] == TINY.window * per_token + 8
     else:  # (S, z) state: (B, H, k, D) + (B, H, k)
         assert sizes[12] == sizes[1] == 2 * TINY.rank * (16 + 1) * 4
 
@@ -172,7 +177,43 @@ def test_targets_pass_and_fail_from_rows():
     assert slow["local_linear_time"].measured == 2.25 and slow["local_linear_time"].verdict == "FAIL"
 
 
+def test_lent_local_targets_from_rows():
+    def rows(memory: float, model_time: float) -> list[dict]:
+        return [make_row("attention", "mistral_sdpa", seq_len=16384, time_s=8.0, peak_mem_bytes=1000.0),
+                make_row("attention", "mistral_hf_attn_local", seq_len=16384, time_s=0.5, peak_mem_bytes=memory),
+                make_row("model", "mistral_sdpa", seq_len=16384, time_s=20.0),
+                make_row("model", "mistral_hf_attn_local", seq_len=16384, time_s=model_time)]
+
+    good = {t.name: t for t in report.evaluate_targets(rows(memory=90.0, model_time=3.0), 256, 4)}
+    assert good["lent_local_attention_memory"].passed and good["lent_local_attention_memory"].measured == pytest.approx(1000 / 90)
+    assert good["lent_local_model_speed"].passed and good["lent_local_model_speed"].measured == pytest.approx(20 / 3)
+    bad = {t.name: t for t in report.evaluate_targets(rows(memory=150.0, model_time=5.0), 256, 4)}
+    assert bad["lent_local_attention_memory"].verdict == bad["lent_local_model_speed"].verdict == "FAIL"
+    assert make_row("model", "mistral_hf_attn_local")["side"] == "ours"  # our kernel in a stock model
+
+
 # --- the whole pipeline at tiny sizes --------------------------------------------------------
+
+def test_lent_local_rows_run_side_by_side_with_mistral_sdpa():
+    """MistralForCausalLM / MistralAttention with attn_implementation="hf_attn_local" next to sdpa."""
+    cases = ("mistral_sdpa", "mistral_hf_attn_local")
+    opts = RunOptions(seq_lens=(16, 32), modes=(), reference_models=cases, reference_layers=cases,
+                      sections=("attention", "model"), repeats=1, warmup=0, time_budget_s=0.0, peak_matmul_size=64)
+    rows, _ = run_suite(opts, TINY, log=lambda _: None)
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    lent = [r for r in rows if r["case"] == "mistral_hf_attn_local"]
+    assert {(r["section"], r["seq_len"]) for r in lent} == {(s, n) for s in ("attention", "model") for n in (16, 32)}
+    assert all(r["implementation"] == "hf_attn_local" and r["side"] == "ours" and r["attention"] == "local"
+               for r in lent)
+    ratios = report.ratio_rows(rows)
+    measured = {(r["section"], r["metric"], r["seq_len"]) for r in ratios
+                if (r["ours"], r["reference"]) == ("mistral_hf_attn_local", "mistral_sdpa")}
+    assert {("attention", "memory", 32), ("model", "time", 32), ("model", "memory", 16)} <= measured
+    assert "mistral_hf_attn_local / mistral_sdpa" in report.ratio_table(ratios, "model", "time")
+    targets = {t.name: t for t in report.evaluate_targets(rows, TINY.window, TINY.rank)}
+    assert targets["lent_local_model_speed"].verdict == "NOT MEASURED"  # needs n=16384
+
+
 
 def test_memory_budget_skips_are_recorded_not_dropped():
     opts = RunOptions(seq_lens=(16,), modes=("local",), reference_layers=("mistral_eager",), sections=("attention",),

@@ -69,18 +69,24 @@ class OurAttentionAsInModel(nn.Module):
         rotary = self.model.rotary
         position_embeddings = rotary(position_ids, hidden.dtype) if rotary is not None else None
         # the mask in the form this mode's kernel takes, built as HfAttnModel.forward builds it
-        mask = self.attn.spec.build_mask(None, n, 0, self.model.config, b, hidden.device)
+        mask = self._mask(n, b, hidden.device)
         out, _ = self.attn(hidden, mask, position_ids, position_embeddings)
         return out
+
+    def _mask(self, n: int, b: int, device: torch.device) -> torch.Tensor | None:
+        """The mask HfAttnModel.forward builds for n unpadded tokens: none for the full modes (sdpa's
+        causal flag; transformers' create_causal_mask returns None there), the mode's own otherwise."""
+        build = self.attn.spec.build_mask
+        return build(None, n, 0, self.model.config, b, device) if build is not None else None
 
     def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The mode's attention math alone, mask creation included: (B, H, n, D) q, k, v -> (B, n, H, D)."""
         b, _, n, _ = q.shape
         position_ids = torch.arange(n, device=q.device)[None]
-        mask = self.attn.spec.build_mask(None, n, 0, self.model.config, b, q.device)
-        kernel, impl = self.attn._kernel(False)  # the kernel HfAttnAttention.forward would pick
-        out, _ = kernel(self.attn, q, k, v, mask, self.attn.scaling, 0.0, is_causal=True, cache_layer=None,
-                        position_ids=position_ids, implementation=impl)
+        mask = self._mask(n, b, q.device)
+        kernel, impl = self.attn._kernel(False, False)  # the kernel HfAttnAttention.forward would pick
+        out, _ = kernel(self.attn, q, k, v, mask, scaling=self.attn.scaling, dropout=0.0, is_causal=True,
+                        cache_layer=None, position_ids=position_ids, implementation=impl)
         return out
 
 

@@ -6,17 +6,20 @@ Whole models, all sized by one :class:`~hf_attn.benchmark.spec.BenchSpec`:
   ``intermediate_size``), the classic reference for our ``eager`` mode;
 - ``llama_sdpa``: ``LlamaForCausalLM`` (rotary positions, SwiGLU, RMSNorm), the reference for ``rope``;
 - ``mistral_eager`` / ``mistral_sdpa``: ``MistralForCausalLM`` with ``sliding_window = window``, the
-  reference for ``local``. Both build an (n, n) mask in ``create_sliding_window_causal_mask``.
+  reference for ``local``. Both build an (n, n) mask in ``create_sliding_window_causal_mask``;
+- ``mistral_hf_attn_local``: the same model with ``attn_implementation="hf_attn_local"``
+  (``hf_attn.lend_local``), i.e. our local kernel lent to stock Mistral: no (n, n) mask. It is a
+  stock model but runs our code, so its rows are on the ``ours`` side (``LENT_CASES``).
 
 Attention layers (one layer, projections included, forward + backward; ``kernel(q, k, v)`` is the
 attention math alone, without projections, for the ``kernel`` section):
 
 - ``sdpa_causal``: q/k/v/o projections around ``F.scaled_dot_product_attention(is_causal=True)``,
   i.e. the best full causal attention PyTorch offers at the same n, heads and head_dim;
-- ``mistral_eager`` / ``mistral_sdpa``: ``MistralAttention`` called the way ``MistralModel`` calls it,
-  with the mask built *inside the step* by the model's own ``create_sliding_window_causal_mask`` and
-  the rotary table by ``MistralRotaryEmbedding``, so the layer pays for the (n, n) mask as the
-  model does.
+- ``mistral_eager`` / ``mistral_sdpa`` / ``mistral_hf_attn_local``: ``MistralAttention`` called the way
+  ``MistralModel`` calls it, with the mask built *inside the step* by the model's own
+  ``create_sliding_window_causal_mask`` and the rotary table by ``MistralRotaryEmbedding``, so the
+  layer pays for the (n, n) mask as the model does (``hf_attn_local``: a key-padding mask or none).
 """
 
 from __future__ import annotations
@@ -50,14 +53,28 @@ REFERENCE_MODELS: dict[str, tuple[type[PreTrainedModel], str]] = {
     "llama_sdpa": (LlamaForCausalLM, "sdpa"),
     "mistral_eager": (MistralForCausalLM, "eager"),
     "mistral_sdpa": (MistralForCausalLM, "sdpa"),
+    "mistral_hf_attn_local": (MistralForCausalLM, "hf_attn_local"),
 }
-REFERENCE_LAYERS = ("sdpa_causal", "mistral_eager", "mistral_sdpa")
+# attention layer name -> the Mistral attention implementation it runs
+MISTRAL_LAYERS = {"mistral_eager": "eager", "mistral_sdpa": "sdpa", "mistral_hf_attn_local": "hf_attn_local"}
+REFERENCE_LAYERS = ("sdpa_causal", *MISTRAL_LAYERS)
+# Stock models running hf_attn's kernel (attn_implementation="hf_attn_local"): reported as ours.
+LENT_CASES = ("mistral_hf_attn_local",)
 
 # What kind of attention each reference computes, for the FLOP count (hf_attn mode names).
 REFERENCE_ATTENTION_KIND: dict[str, str] = {
     "gpt2_eager": "eager", "gpt2_sdpa": "eager", "llama_sdpa": "eager",
-    "mistral_eager": "local", "mistral_sdpa": "local", "sdpa_causal": "eager",
+    "mistral_eager": "local", "mistral_sdpa": "local", "mistral_hf_attn_local": "local", "sdpa_causal": "eager",
 }
+
+
+def _registered(implementation: str) -> str:
+    """``implementation``, after registering it with transformers when it is hf_attn's."""
+    if implementation == "hf_attn_local":
+        from hf_attn.lend_local import register_local_attention
+
+        register_local_attention()
+    return implementation
 
 
 def _mistral_config(spec: BenchSpec, num_layers: int) -> MistralConfig:
@@ -95,7 +112,7 @@ def build_reference_model(name: str, spec: BenchSpec) -> PreTrainedModel:
     if name not in REFERENCE_MODELS:
         raise ValueError(f"reference model {name!r} is unknown: allowed values are {sorted(REFERENCE_MODELS)}")
     cls, impl = REFERENCE_MODELS[name]
-    model = cls._from_config(reference_config(name, spec), attn_implementation=impl)
+    model = cls._from_config(reference_config(name, spec), attn_implementation=_registered(impl))
     return model.to(spec.dtype)
 
 
@@ -131,7 +148,7 @@ class MistralAttentionAsInModel(nn.Module):
     def __init__(self, spec: BenchSpec, implementation: str) -> None:
         super().__init__()
         self.config = _mistral_config(spec, num_layers=1)
-        self.config._attn_implementation = implementation
+        self.config._attn_implementation = _registered(implementation)
         self.attn = MistralAttention(self.config, layer_idx=0)
         self.rotary = MistralRotaryEmbedding(self.config)
 
@@ -139,7 +156,7 @@ class MistralAttentionAsInModel(nn.Module):
         """(B, n, hidden) -> (B, n, hidden), building the mask exactly as the model does."""
         position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
         mask = create_sliding_window_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None,
             position_ids=position_ids,
         )
         out, _ = self.attn(hidden, self.rotary(hidden, position_ids), mask)
@@ -151,7 +168,7 @@ class MistralAttentionAsInModel(nn.Module):
         # masking_utils reads only the shape, dtype and device of inputs_embeds: a stride-0 stand-in
         embeds = q.new_zeros(()).expand(b, n, self.config.hidden_size)
         mask = create_sliding_window_causal_mask(
-            config=self.config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+            config=self.config, inputs_embeds=embeds, attention_mask=None, cache=None,
             position_ids=torch.arange(n, device=q.device)[None],
         )
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -165,8 +182,8 @@ def build_reference_layer(name: str, spec: BenchSpec) -> nn.Module:
     its ``kernel(q, k, v)`` method runs the attention math alone."""
     if name == "sdpa_causal":
         layer: nn.Module = CausalSdpaAttention(spec)
-    elif name in ("mistral_eager", "mistral_sdpa"):
-        layer = MistralAttentionAsInModel(spec, name.split("_")[1])
+    elif name in MISTRAL_LAYERS:
+        layer = MistralAttentionAsInModel(spec, MISTRAL_LAYERS[name])
     else:
         raise ValueError(f"reference layer {name!r} is unknown: allowed values are {list(REFERENCE_LAYERS)}")
     return layer.to(spec.dtype)

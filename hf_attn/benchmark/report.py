@@ -18,16 +18,17 @@ from .suite import COLUMNS
 # (section, ours case, reference case) pairs shown on the console and in the summary; ratios.csv has all pairs.
 PRIMARY_PAIRS: dict[str, list[tuple[str, str]]] = {
     "attention": [("ours_eager", "sdpa_causal"), ("ours_rope", "sdpa_causal"), ("ours_lowrank", "sdpa_causal"),
-                  ("ours_lowrank_softmax", "sdpa_causal"), ("ours_local", "sdpa_causal"), ("ours_local", "mistral_sdpa"), ("ours_local", "mistral_eager")],
+                  ("ours_lowrank_softmax", "sdpa_causal"), ("ours_local", "sdpa_causal"), ("ours_local", "mistral_sdpa"), ("ours_local", "mistral_eager"),
+                  ("mistral_hf_attn_local", "mistral_sdpa")],
     "kernel": [("ours_eager", "sdpa_causal"), ("ours_lowrank", "sdpa_causal"), ("ours_lowrank_softmax", "sdpa_causal"),
                ("ours_local", "sdpa_causal"),
-               ("ours_local", "mistral_sdpa")],
+               ("ours_local", "mistral_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
     "model": [("ours_eager", "gpt2_sdpa"), ("ours_rope", "llama_sdpa"), ("ours_local", "mistral_sdpa"),
-              ("ours_lowrank", "llama_sdpa")],
+              ("ours_lowrank", "llama_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
     "generation": [("ours_eager", "gpt2_sdpa"), ("ours_rope", "llama_sdpa"), ("ours_local", "mistral_sdpa"),
-                   ("ours_lowrank", "llama_sdpa")],
+                   ("ours_lowrank", "llama_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
     "train": [("ours_eager", "llama_sdpa"), ("ours_rope", "llama_sdpa"), ("ours_local", "mistral_sdpa"),
-              ("ours_lowrank", "llama_sdpa")],
+              ("ours_lowrank", "llama_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
 }
 # metric -> column it divides; for every metric the ratio is ours / reference.
 RATIO_METRICS = {"time": "time_s", "cpu_time": "cpu_time_s", "memory": "peak_mem_bytes", "tokens_per_s": "tokens_per_s",
@@ -160,6 +161,13 @@ def evaluate_targets(rows: list[dict], window: int, rank: int) -> list[TargetRes
                 lambda v: v >= 1.0),
         _target("rope_overhead", "rope model: training step time / eager model's <= 1.05",
                 _quotient(rows, "train", "ours_rope", "ours_eager", None, mt), lambda v: v <= 1.05),
+        _target("lent_local_attention_memory", f"MistralAttention with attn_implementation='hf_attn_local', "
+                f"w={window}, n=16384: peak memory >= 10x below the same layer with sdpa",
+                _quotient(rows, at, "mistral_sdpa", "mistral_hf_attn_local", 16384, "peak_mem_bytes"),
+                lambda v: v >= 10),
+        _target("lent_local_model_speed", f"MistralForCausalLM with attn_implementation='hf_attn_local', "
+                f"w={window}, n=16384: model fwd+bwd >= 5x faster than with sdpa",
+                _quotient(rows, "model", "mistral_sdpa", "mistral_hf_attn_local", 16384, mt), lambda v: v >= 5),
         _target("local_kv_cache_constant", "local generation: cache bytes constant once the window is full "
                 "(max/min = 1.0)", _cache_constancy(rows, "ours_local", window), lambda v: v == 1.0),
     ]
@@ -299,9 +307,10 @@ def plot_results(out_dir: Path, rows: list[dict]) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
         for ax, column, label in ((axes[0], "time_s", "median time (s)"), (axes[1], "peak_mem_bytes", "peak memory (MiB)")):
             scale = 2**20 if column == "peak_mem_bytes" else 1.0
-            for case in dict.fromkeys(r["case"] for r in measured):
+            sides = {r["case"]: r["side"] for r in measured}
+            for case, side in sides.items():
                 points = sorted((r["seq_len"], r[column] / scale) for r in measured if r["case"] == case)
-                ax.plot(*zip(*points), marker="o", linestyle="-" if case.startswith("ours_") else "--", label=case)
+                ax.plot(*zip(*points), marker="o", linestyle="-" if side == "ours" else "--", label=case)
             ax.set(xscale="log", yscale="log", xlabel="sequence length n", ylabel=label, title=f"{title}: {label}")
             ax.set_xscale("log", base=2)
             ax.grid(True, which="both", alpha=0.3)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .flops import attention_context, matmul_param_count, training_flops_per_token
 from .kv_cache import cache_nbytes
@@ -48,6 +49,7 @@ from .measure import (
 )
 from .ours import base_mode, build_our_layer, build_our_model
 from .reference import (
+    LENT_CASES,
     REFERENCE_ATTENTION_KIND,
     REFERENCE_LAYERS,
     REFERENCE_MODELS,
@@ -118,14 +120,14 @@ class RunOptions:
 
 def make_row(section: str, case: str, **fields: object) -> dict:
     """A result row with every column of ``COLUMNS`` (missing ones ``None``); ``side`` and ``attention``
-    are derived from the case name."""
+    are derived from the case name (a stock model running our kernel, ``LENT_CASES``, is ours)."""
     unknown = set(fields) - set(COLUMNS)
     if unknown:
         raise ValueError(f"unknown result columns {sorted(unknown)}; allowed are {list(COLUMNS)}")
     row: dict = dict.fromkeys(COLUMNS)
-    is_ours = case.startswith(OURS_PREFIX)
-    row.update(section=section, case=case, side="ours" if is_ours else "reference",
-               attention=case[len(OURS_PREFIX):] if is_ours else REFERENCE_ATTENTION_KIND.get(case), status="ok")
+    prefixed = case.startswith(OURS_PREFIX)
+    row.update(section=section, case=case, side="ours" if prefixed or case in LENT_CASES else "reference",
+               attention=case[len(OURS_PREFIX):] if prefixed else REFERENCE_ATTENTION_KIND.get(case), status="ok")
     row.update(fields)
     return row
 
@@ -365,13 +367,15 @@ def bench_model(opts: RunOptions, spec: BenchSpec, log: Log = print) -> list[dic
 @torch.no_grad()
 def cache_bytes_curve(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> list[tuple[int, int]]:
     """Greedy decoding by hand: ``(tokens generated, bytes the returned cache holds)`` after the prompt and
-    after every step, read from ``outputs.past_key_values`` of each forward."""
+    after every step, read from the cache each forward returns (``cache`` from transformers 5.24,
+    ``past_key_values`` before)."""
+    name = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
     out = model(input_ids=prompt, use_cache=True)
-    curve = [(0, cache_nbytes(out.past_key_values))]
+    curve = [(0, cache_nbytes(getattr(out, name)))]
     for i in range(1, new_tokens + 1):
         token = out.logits[:, -1:].argmax(-1)  # (B, 1)
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        curve.append((i, cache_nbytes(out.past_key_values)))
+        out = model(input_ids=token, **{name: getattr(out, name)}, use_cache=True)
+        curve.append((i, cache_nbytes(getattr(out, name))))
     return curve
 
 
