@@ -19,12 +19,25 @@ from hf_attn.benchmark.flops import attention_context, matmul_param_count, train
 from hf_attn.benchmark.kv_cache import cache_nbytes
 from hf_attn.benchmark.measure import peak_memory_bytes, peak_of_allocations, time_interleaved
 from hf_attn.benchmark.ours import build_our_model
+from hf_attn.benchmark.profiling import write_small_profiles
 from hf_attn.benchmark.reference import build_reference_model
-from hf_attn.benchmark.spec import BenchSpec
-from hf_attn.benchmark.suite import COLUMNS, RunOptions, cache_bytes_curve, make_row, run_suite
+from hf_attn.benchmark.reference_gpt import RefGPT, RefGPTConfig
+from hf_attn.benchmark.spec import BenchSpec, SmallSpec
+from hf_attn.benchmark.suite import (
+    COLUMNS,
+    SMALL_REFERENCE,
+    RunOptions,
+    cache_bytes_curve,
+    make_row,
+    run_suite,
+    small_builders,
+)
+from hf_attn.modeling_hf_attn import causal_lm_loss
 
 TINY = BenchSpec(hidden_size=32, num_heads=2, num_layers=1, intermediate_size=64, vocab_size=64, window=8,
                  rank=4, max_positions=64)
+# the small section's baby GPT shrunk to run in about a second: C = 32, I = round(8 * 32 / 3) = 85
+TINY_SMALL = SmallSpec(num_layers=1, num_heads=2, hidden_size=32, block_size=16, batch=2, vocab_size=17, window=8)
 TINY_ARGS = ["--seq-lens", "16,32", "--repeats", "1", "--warmup", "0", "--time-budget", "0", "--hidden-size", "32", "--num-heads", "2",
              "--num-layers", "1", "--intermediate-size", "64", "--vocab-size", "64", "--window", "8", "--rank", "4",
              "--gen-prompt", "4", "--gen-tokens", "12", "--cache-stride", "1", "--train-seq-len", "16",
@@ -268,3 +281,87 @@ def test_cli_smoke_run_writes_well_formed_results(tmp_path, capsys):
     rerendered = json.loads((again / "results.json").read_text(encoding="utf-8"))
     assert rerendered["rows"] == rows and rerendered["targets"] == payload["targets"]
     assert payload["environment"]["command"] in (again / "summary.md").read_text(encoding="utf-8")
+
+
+# --- the small section: a minimal reference GPT against hf_attn at baby-GPT size ----------------
+
+def test_reference_gpt_is_a_causal_lm_with_tied_embeddings_and_the_shifted_loss():
+    config = RefGPTConfig(vocab_size=17, block_size=8, num_layers=2, num_heads=2, hidden_size=16)
+    model = RefGPT(config)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    c = 16
+    assert model.num_parameters() == 17 * c + 8 * c + 2 * (2 * c + 4 * c * c + 8 * c * c) + c
+    ids = torch.randint(0, 17, (3, 8), generator=torch.Generator().manual_seed(0))
+    targets = torch.cat([ids[:, 1:], torch.full((3, 1), -100)], dim=1)
+    logits, loss = model(ids, targets)
+    assert logits.shape == (3, 8, 17)
+    torch.testing.assert_close(loss, causal_lm_loss(logits, ids))  # what hf_attn computes from labels=ids
+    changed = ids.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 17
+    torch.testing.assert_close(model(changed)[0][:, :5], logits[:, :5])  # causal: the past ignores the future
+    with pytest.raises(ValueError, match="block_size=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_heads=3"):
+        RefGPTConfig(num_heads=3, hidden_size=16)
+
+
+def test_small_section_rows_ratios_and_targets_are_well_formed(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    opts = RunOptions(sections=("small",), repeats=2, warmup=0, time_budget_s=0.0, peak_matmul_size=64,
+                      small=TINY_SMALL)
+    rows, env = run_suite(opts, TINY, log=lambda _: None)
+    assert torch.get_num_threads() == threads  # the section's one thread is restored
+    assert [r["case"] for r in rows] == list(small_builders(TINY_SMALL))
+    assert all(r["status"] == "ok" and r["section"] == "small" for r in rows), [r for r in rows if r["status"] != "ok"]
+    for r in rows:
+        assert (r["seq_len"], r["batch"], r["repeats"]) == (16, 2, 2)
+        assert 0 < r["time_s_min"] <= r["time_s"] <= r["time_s_max"] and r["cpu_time_s"] > 0 and r["peak_mem_bytes"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["time_s"])
+        assert r["note"].startswith("1 thread(s); ")
+    # parameter counts, honestly matched: the same embeddings (tied) and attention, SwiGLU I = 85 vs 4x GELU
+    by_case = {r["case"]: r for r in rows}
+    c, v, n, i = 32, 17, 16, TINY_SMALL.intermediate_size
+    assert i == 85 and TINY_SMALL.aligned_intermediate_size == 88
+    embeddings_and_norms = v * c + n * c + 2 * c + c
+    assert by_case[SMALL_REFERENCE]["params"] == embeddings_and_norms + 4 * c * c + 8 * c * c
+    assert by_case["ours_eager"]["params"] == embeddings_and_norms + 4 * c * c + 3 * c * i
+    assert by_case["ours_rope"]["params"] == by_case["ours_eager"]["params"] - n * c  # no position table
+    assert by_case["ours_local"]["params"] == by_case["ours_local_full"]["params"] == by_case["ours_eager"]["params"]
+    assert "I=85" in by_case["ours_eager"]["note"] and "sliding_window=16 >= n" in by_case["ours_local_full"]["note"]
+
+    ratios = [r for r in report.ratio_rows(rows) if r["section"] == "small"]
+    time_ratios = {r["ours"]: r["ratio"] for r in ratios if r["metric"] == "time"}
+    assert set(time_ratios) == {case for case in by_case if case != SMALL_REFERENCE}
+    assert all(r["reference"] == SMALL_REFERENCE for r in ratios)
+    for case, ratio in time_ratios.items():
+        assert ratio == pytest.approx(by_case[case]["time_s"] / by_case[SMALL_REFERENCE]["time_s"])
+    targets = {t.name: t for t in report.evaluate_targets(rows, TINY.window, TINY.rank) if t.name.startswith("small_")}
+    expected = {"small_eager_step": ("ours_eager", SMALL_REFERENCE), "small_rope_step": ("ours_rope", SMALL_REFERENCE),
+                "small_local_full_window": ("ours_local_full", "ours_eager"),
+                "small_lowrank_step": ("ours_lowrank", "ours_eager")}
+    assert set(targets) == set(expected)
+    for name, (ours, by) in expected.items():
+        assert targets[name].measured == pytest.approx(by_case[ours]["time_s"] / by_case[by]["time_s"])
+        assert targets[name].verdict in ("PASS", "FAIL")
+    table = report.small_table(rows)
+    assert all(f"| {case} |" in table for case in by_case) and "/ eager" in table and "| 1.000 |" in table
+
+    # rendered from the rows like any run: the console shows the table and the verdicts
+    all_targets = report.evaluate_targets(rows, TINY.window, TINY.rank)
+    report.write_results(tmp_path, rows, env, all_targets, report.ratio_rows(rows))
+    assert cli.main(["--from-json", str(tmp_path / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    printed = capsys.readouterr().out
+    assert "[small] baby-GPT training step" in printed and "ours_local_full / refgpt_sdpa" in printed
+    assert all(name in printed for name in expected)
+    assert "Small size: baby-GPT training step" in (tmp_path / "again" / "summary.md").read_text(encoding="utf-8")
+    assert (tmp_path / "again" / "small.png").stat().st_size > 0
+
+
+def test_small_profiles_compare_every_case_with_the_reference(tmp_path):
+    paths = write_small_profiles(tmp_path, TINY_SMALL, steps=1)
+    assert [p.name for p in paths] == [f"profile_small_{c}.txt" for c in small_builders(TINY_SMALL)] + [
+        "profile_small_vs_reference.txt"]
+    eager = (tmp_path / "profile_small_ours_eager.txt").read_text(encoding="utf-8")
+    assert "aten::mm" in eager and "Python functions per step" in eager and "modeling_hf_attn.py" in eager
+    diff = (tmp_path / "profile_small_vs_reference.txt").read_text(encoding="utf-8")
+    assert diff.count("## ours_") == len(paths) - 2 and "all operators" in diff

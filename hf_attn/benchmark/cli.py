@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .profiling import write_profiles
+from .profiling import write_profiles, write_small_profiles
 from .reference import REFERENCE_LAYERS, REFERENCE_MODELS
 from .report import (
     PRIMARY_PAIRS,
@@ -18,6 +18,7 @@ from .report import (
     plot_results,
     ratio_rows,
     ratio_table,
+    small_table,
     summary_markdown,
     targets_table,
     write_results,
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference models (model, generation and train sections)")
     p.add_argument("--reference-layers", type=_name_list(REFERENCE_LAYERS), default=d.reference_layers,
                    help="reference attention layers (attention section)")
-    p.add_argument("--sections", type=_name_list(SECTIONS), default=d.sections, help="what to measure")
+    p.add_argument("--sections", type=_name_list(SECTIONS), default=d.sections,
+                   help=f"what to measure, of {list(SECTIONS)} (default: all but 'small', the baby-GPT "
+                        "training step on one thread, run only when named)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed repeats per case (median reported)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed warm-up calls per case")
     p.add_argument("--time-budget", type=float, default=d.time_budget_s,
@@ -92,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, default=None, metavar="N",
                    help="instead of benchmarking, write torch.profiler operator tables of one attention layer "
                         "(forward + backward) at length N for --modes and --reference-layers")
+    p.add_argument("--profile-small", action="store_true",
+                   help="instead of benchmarking, write torch.profiler and cProfile tables of baby-GPT training "
+                        "steps (--repeats interleaved profiled steps per case of the small section) and each "
+                        "case's per-operator difference from the reference GPT")
     return p
 
 
@@ -126,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_profiles(args.out, cases, args.profile, spec):
             print(f"wrote {path}")
         return 0
+    if args.profile_small:
+        for path in write_small_profiles(args.out, opts.small, steps=opts.repeats):
+            print(f"wrote {path}")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python scripts/benchmark.py " + shlex.join(argv)
     if args.from_json is not None:
@@ -155,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         for metric in ("time", "cpu_time", "memory", "tokens_per_s", "kv_cache"):
             if any(r["section"] == section and r["metric"] == metric for r in ratios):
                 print(f"\n[{section}] ours / reference, {metric}:\n{ratio_table(ratios, section, metric)}")
+    if any(r["section"] == "small" for r in rows):
+        print(f"\n[small] baby-GPT training step, ratios to the reference GPT and to ours eager:\n{small_table(rows)}")
     print("\nTargets:\n" + targets_table(targets))
     for t in targets:
         value = "-" if t.measured is None else f"{t.measured:.2f}"

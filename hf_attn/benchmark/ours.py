@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .spec import BenchSpec
+from .spec import BenchSpec, SmallSpec
 
 # Benchmark cases that are a mode with a non-default setting: case name -> (mode, config overrides).
 MODE_VARIANTS: dict[str, tuple[str, dict]] = {
@@ -42,6 +42,29 @@ def build_our_model(mode: str, spec: BenchSpec) -> nn.Module:
     from hf_attn import HfAttnForCausalLM
 
     return HfAttnForCausalLM(our_config(mode, spec)).to(spec.dtype)
+
+
+def small_config(mode: str, small: SmallSpec, **overrides):
+    """``HfAttnConfig`` of mode ``mode`` at the baby-GPT size of the ``small`` section: SwiGLU of width
+    ``small.intermediate_size`` (as many MLP weights as a 4x GELU MLP), tied embeddings, positions up
+    to ``block_size``, no dropout; every other field (window, rank, chunk) at the config's default;
+    ``overrides`` replace any of these."""
+    from hf_attn import HfAttnConfig
+
+    fields = dict(
+        vocab_size=small.vocab_size, hidden_size=small.hidden_size, num_hidden_layers=small.num_layers,
+        num_attention_heads=small.num_heads, intermediate_size=small.intermediate_size,
+        max_position_embeddings=small.block_size, attention_mode=mode, hidden_dropout=0.0,
+        attention_dropout=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return HfAttnConfig(**{**fields, **overrides})
+
+
+def build_small_model(mode: str, small: SmallSpec, **overrides) -> nn.Module:
+    """A randomly initialised float32 ``HfAttnForCausalLM`` of ``small_config(mode, small, **overrides)``."""
+    from hf_attn import HfAttnForCausalLM
+
+    return HfAttnForCausalLM(small_config(mode, small, **overrides))
 
 
 class OurAttentionAsInModel(nn.Module):

@@ -65,6 +65,7 @@ LENT_CASES = ("mistral_hf_attn_local",)
 REFERENCE_ATTENTION_KIND: dict[str, str] = {
     "gpt2_eager": "eager", "gpt2_sdpa": "eager", "llama_sdpa": "eager",
     "mistral_eager": "local", "mistral_sdpa": "local", "mistral_hf_attn_local": "local", "sdpa_causal": "eager",
+    "refgpt_sdpa": "eager",  # reference_gpt.RefGPT, the yardstick of the small section
 }
 
 

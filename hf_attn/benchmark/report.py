@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .suite import COLUMNS
+from .suite import COLUMNS, SMALL_REFERENCE
 
 # (section, ours case, reference case) pairs shown on the console and in the summary; ratios.csv has all pairs.
 PRIMARY_PAIRS: dict[str, list[tuple[str, str]]] = {
@@ -29,6 +29,8 @@ PRIMARY_PAIRS: dict[str, list[tuple[str, str]]] = {
                    ("ours_lowrank", "llama_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
     "train": [("ours_eager", "llama_sdpa"), ("ours_rope", "llama_sdpa"), ("ours_local", "mistral_sdpa"),
               ("ours_lowrank", "llama_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
+    "small": [(f"ours_{case}", SMALL_REFERENCE)
+              for case in ("eager", "eager_aligned", "rope", "local", "local_full", "lowrank")],
 }
 # metric -> column it divides; for every metric the ratio is ours / reference.
 RATIO_METRICS = {"time": "time_s", "cpu_time": "cpu_time_s", "memory": "peak_mem_bytes", "tokens_per_s": "tokens_per_s",
@@ -170,6 +172,15 @@ def evaluate_targets(rows: list[dict], window: int, rank: int) -> list[TargetRes
                 _quotient(rows, "model", "mistral_sdpa", "mistral_hf_attn_local", 16384, mt), lambda v: v >= 5),
         _target("local_kv_cache_constant", "local generation: cache bytes constant once the window is full "
                 "(max/min = 1.0)", _cache_constancy(rows, "ours_local", window), lambda v: v == 1.0),
+        _target("small_eager_step", "baby GPT (small section): eager training step time / reference GPT <= 1.05",
+                _quotient(rows, "small", "ours_eager", SMALL_REFERENCE, None, mt), lambda v: v <= 1.05),
+        _target("small_rope_step", "baby GPT: rope training step time / reference GPT <= 1.05",
+                _quotient(rows, "small", "ours_rope", SMALL_REFERENCE, None, mt), lambda v: v <= 1.05),
+        _target("small_local_full_window", "baby GPT: local with n <= sliding_window (plain causal path) "
+                "step time / eager <= 1.05 (within 5%)",
+                _quotient(rows, "small", "ours_local_full", "ours_eager", None, mt), lambda v: v <= 1.05),
+        _target("small_lowrank_step", "baby GPT: lowrank training step time / eager <= 1.3",
+                _quotient(rows, "small", "ours_lowrank", "ours_eager", None, mt), lambda v: v <= 1.3),
     ]
 
 
@@ -249,6 +260,29 @@ def section_table(rows: list[dict], section: str) -> str:
     return _markdown_table(header, body)
 
 
+def small_table(rows: list[dict]) -> str:
+    """Markdown table of the ``small`` section: one line per case, with its parameter count, median
+    step time (wall and CPU) and the quotients by the reference GPT and by ours eager."""
+    measured = {r["case"]: r for r in ok_rows(rows, "small")}
+    ref, eager = measured.get(SMALL_REFERENCE), measured.get("ours_eager")
+
+    def quotient(row: dict, by: dict | None, column: str) -> str:
+        return _fmt(row[column] / by[column], digits=3) if by is not None and by[column] else "-"
+
+    body = []
+    for r in (r for r in rows if r["section"] == "small"):
+        if r["status"] != "ok":
+            body.append([r["case"], r["status"], *["-"] * 9])
+            continue
+        body.append([r["case"], f"{r['params']:,}", _fmt(r["time_s"], 1e-3, 2), quotient(r, ref, "time_s"),
+                     quotient(r, eager, "time_s"), _fmt(r["cpu_time_s"], 1e-3, 2), quotient(r, ref, "cpu_time_s"),
+                     quotient(r, eager, "cpu_time_s"), _fmt(r["tokens_per_s"], digits=0),
+                     _fmt(r["peak_mem_bytes"], 2**20), str(r["repeats"])])
+    header = ["case", "parameters", "step ms", "/ reference", "/ eager", "CPU ms", "CPU / reference", "CPU / eager",
+              "tokens/s", "peak MiB", "repeats"]
+    return _markdown_table(header, body)
+
+
 def targets_table(targets: list[TargetResult]) -> str:
     """Markdown table of the targets with verdicts."""
     body = [[t.name, t.requirement, _fmt(t.measured, digits=2), t.verdict, t.detail] for t in targets]
@@ -288,6 +322,12 @@ def summary_markdown(rows: list[dict], env: dict, ratios: list[dict], targets: l
                            ("train", "Training step (forward + backward + AdamW)")):
         if any(r["section"] == section for r in rows):
             parts += [f"## {title}", section_table(rows, section)]
+    small = [r for r in rows if r["section"] == "small"]
+    if small:
+        parts += ["## Small size: baby-GPT training step (forward + backward + AdamW)",
+                  f"n={small[0]['seq_len']}, batch {small[0]['batch']}; median of interleaved steps. "
+                  "What each case is:\n\n" + "\n".join(f"- `{r['case']}`: {r['note']}" for r in small),
+                  small_table(rows)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -334,6 +374,19 @@ def plot_results(out_dir: Path, rows: list[dict]) -> list[Path]:
         axes[1].set(xlabel="tokens/s", title="greedy generate() throughput")
         fig.tight_layout()
         written.append(out_dir / "generation.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    small = ok_rows(rows, "small")
+    if small:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.barh([r["case"] for r in small], [1e3 * r["time_s"] for r in small],
+                xerr=[[1e3 * (r["time_s"] - r["time_s_min"]) for r in small],
+                      [1e3 * (r["time_s_max"] - r["time_s"]) for r in small]])
+        ax.set(xlabel="median step ms (bars: min..max)",
+               title=f"baby-GPT training step, n={small[0]['seq_len']}, batch {small[0]['batch']}")
+        fig.tight_layout()
+        written.append(out_dir / "small.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 

@@ -9,6 +9,18 @@ import torch
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _check_sizes(spec: object, names: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming the field of ``spec`` that is not an integer >= 1, or ``num_heads``
+    when it does not divide ``hidden_size``."""
+    kind = type(spec).__name__
+    for name in names:
+        value = getattr(spec, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{kind}.{name}={value!r} is invalid: expected an integer >= 1")
+    if spec.hidden_size % spec.num_heads:
+        raise ValueError(f"{kind}.num_heads={spec.num_heads} is invalid: must divide hidden_size={spec.hidden_size}")
+
+
 @dataclass(frozen=True)
 class BenchSpec:
     """Shared model size and attention settings.
@@ -42,11 +54,47 @@ class BenchSpec:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field when the sizes cannot build every model."""
-        for name in ("hidden_size", "num_heads", "num_layers", "intermediate_size", "vocab_size", "window",
-                     "rank", "max_positions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"BenchSpec.{name}={value!r} is invalid: expected an integer >= 1")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"BenchSpec.num_heads={self.num_heads} is invalid: must divide "
-                             f"hidden_size={self.hidden_size}")
+        _check_sizes(self, ("hidden_size", "num_heads", "num_layers", "intermediate_size", "vocab_size", "window",
+                            "rank", "max_positions"))
+
+
+@dataclass(frozen=True)
+class SmallSpec:
+    """Size of the ``small`` section: the classic character-level baby GPT, where per-step Python
+    overhead is a visible share of a training step.
+
+    Attributes:
+        num_layers, num_heads, hidden_size: Every model of the section (head_dim = hidden / heads).
+        block_size: Sequence length of every step; also the rows of the learned position tables.
+        batch: Rows per step.
+        vocab_size: Token ids (65: character-level Shakespeare).
+        window: Sliding window of the ``ours_local`` case (< block_size: the windowed path); the
+            ``ours_local_full`` case uses ``block_size`` (n <= w: plain causal attention).
+        threads: torch intra-op threads while the section runs (restored afterwards).
+    """
+
+    num_layers: int = 4
+    num_heads: int = 4
+    hidden_size: int = 128
+    block_size: int = 64
+    batch: int = 12
+    vocab_size: int = 65
+    window: int = 32
+    threads: int = 1
+
+    @property
+    def intermediate_size(self) -> int:
+        """SwiGLU width whose three (C, I) matrices hold as many weights as the reference's two
+        (C, 4C) GELU matrices: 3 C I = 8 C^2, so I = round(8 C / 3) (341 for C = 128)."""
+        return round(8 * self.hidden_size / 3)
+
+    @property
+    def aligned_intermediate_size(self) -> int:
+        """``intermediate_size`` rounded up to a multiple of 8 (344 for C = 128): matmul widths the
+        BLAS kernels tile evenly, for the ``ours_eager_aligned`` case."""
+        return -(-self.intermediate_size // 8) * 8
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when the sizes cannot build every model."""
+        _check_sizes(self, ("num_layers", "num_heads", "hidden_size", "block_size", "batch", "vocab_size", "window",
+                            "threads"))

@@ -14,6 +14,10 @@ Sections:
 - ``train``: full training steps (forward, backward, AdamW) at one training length: tokens/s and
   MFU against the machine's matmul peak (measured at the start and at the end of the run, the best
   of both kept).
+- ``small`` (only when asked for): training steps at the classic baby-GPT size (``spec.SmallSpec``:
+  4 layers, 4 heads, hidden 128, block 64, batch 12, vocabulary 65, one thread), where per-forward
+  Python overhead is a visible share of a step: ours in every mode, with local both windowed
+  (w < n) and full-window (n <= w), against the minimal GPT of ``reference_gpt``.
 
 Every row is a flat dict with the keys of ``COLUMNS``; timings are medians of interleaved repeats,
 warm-up excluded (``measure.time_interleaved``). A case whose predicted peak memory or step time at
@@ -46,8 +50,9 @@ from .measure import (
     median,
     peak_memory_bytes,
     time_interleaved,
+    torch_threads,
 )
-from .ours import base_mode, build_our_layer, build_our_model
+from .ours import base_mode, build_our_layer, build_our_model, build_small_model
 from .reference import (
     LENT_CASES,
     REFERENCE_ATTENTION_KIND,
@@ -56,9 +61,13 @@ from .reference import (
     build_reference_layer,
     build_reference_model,
 )
-from .spec import BenchSpec
+from .reference_gpt import RefGPT, RefGPTConfig
+from .spec import BenchSpec, SmallSpec
 
-SECTIONS = ("attention", "kernel", "scaling", "model", "generation", "train")
+SECTIONS = ("attention", "kernel", "scaling", "model", "generation", "train", "small")
+# what a run measures when --sections is not given: ``small`` asks a different question (overhead at a
+# tiny size, on one thread) and runs only on request
+DEFAULT_SECTIONS = SECTIONS[:-1]
 # the four attention modes, plus lowrank with the softmax feature map (ours.MODE_VARIANTS)
 ATTENTION_MODES = ("eager", "local", "lowrank", "rope", "lowrank_softmax")
 OURS_PREFIX = "ours_"
@@ -68,7 +77,7 @@ MATERIALISE_SCORES = {"gpt2_eager", "mistral_eager"}
 COLUMNS = (
     "section", "case", "side", "attention", "implementation", "seq_len", "batch", "gen_len", "repeats",
     "time_s", "time_s_min", "time_s_max", "times_s", "cpu_time_s", "peak_mem_bytes", "tokens_per_s", "kv_cache_bytes",
-    "flops_per_token", "mfu", "status", "note",
+    "flops_per_token", "mfu", "params", "status", "note",
 )
 
 Log = Callable[[str], None]
@@ -82,7 +91,7 @@ class RunOptions:
     modes: tuple[str, ...] = ATTENTION_MODES
     reference_models: tuple[str, ...] = tuple(REFERENCE_MODELS)
     reference_layers: tuple[str, ...] = REFERENCE_LAYERS
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
     repeats: int = 3
     warmup: int = 1
     time_budget_s: float = 10.0
@@ -95,6 +104,7 @@ class RunOptions:
     mem_budget_bytes: int = 8 * 2**30
     max_case_seconds: float = 120.0
     peak_matmul_size: int = 4096
+    small: SmallSpec = field(default_factory=SmallSpec)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -116,6 +126,7 @@ class RunOptions:
             raise ValueError(f"warmup={self.warmup} is invalid: expected an integer >= 0")
         if not self.seq_lens or min(self.seq_lens) < 1:
             raise ValueError(f"seq_lens={list(self.seq_lens)} is invalid: expected positive integers")
+        self.small.validate()
 
 
 def make_row(section: str, case: str, **fields: object) -> dict:
@@ -454,6 +465,97 @@ def bench_train(opts: RunOptions, spec: BenchSpec, log: Log = print) -> list[dic
     return rows
 
 
+SMALL_REFERENCE = "refgpt_sdpa"
+
+
+def small_builders(small: SmallSpec) -> dict[str, tuple[Callable[[], nn.Module], str]]:
+    """Cases of the ``small`` section: case -> (builder, note on what the case is)."""
+    ref = RefGPTConfig(vocab_size=small.vocab_size, block_size=small.block_size, num_layers=small.num_layers,
+                       num_heads=small.num_heads, hidden_size=small.hidden_size)
+    c, i = small.hidden_size, small.intermediate_size
+    mlp = (f"SwiGLU I={i}: 3*C*I = {3 * c * i:,} MLP weights/layer vs the reference's 4x GELU "
+           f"2*C*4C = {8 * c * c:,}")
+    return {
+        SMALL_REFERENCE: (lambda: RefGPT(ref),
+                          "minimal GPT (reference_gpt): LayerNorm, fused qkv, sdpa is_causal, 4x GELU MLP, "
+                          "learned positions, tied embeddings"),
+        OURS_PREFIX + "eager": (lambda: build_small_model("eager", small), f"{mlp}; learned positions"),
+        OURS_PREFIX + "eager_aligned": (
+            lambda: build_small_model("eager", small, intermediate_size=small.aligned_intermediate_size),
+            f"eager with SwiGLU I={small.aligned_intermediate_size} (I rounded up to a multiple of 8: "
+            f"{3 * c * small.aligned_intermediate_size:,} MLP weights/layer), to show what the odd width costs"),
+        OURS_PREFIX + "rope": (lambda: build_small_model("rope", small), f"{mlp}; rotary (no position table)"),
+        OURS_PREFIX + "local": (lambda: build_small_model("local", small, sliding_window=small.window),
+                                f"{mlp}; sliding_window={small.window} < n={small.block_size}"),
+        OURS_PREFIX + "local_full": (lambda: build_small_model("local", small, sliding_window=small.block_size),
+                                     f"{mlp}; sliding_window={small.block_size} >= n: plain causal attention"),
+        OURS_PREFIX + "lowrank": (lambda: build_small_model("lowrank", small),
+                                  f"{mlp}; default lowrank config (k, chunk, feature map)"),
+    }
+
+
+def _small_step(case: str, model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> StepFn:
+    """One training step: forward, backward of the next-token loss, AdamW step.
+
+    Ours is called as the project's trainer calls it (``labels=ids, use_cache=False``; the loss shifts
+    the labels); the reference gets the same targets already shifted (the last position ignored), so
+    both compute the same loss over the same logits.
+    """
+    if case != SMALL_REFERENCE:
+        return _lm_step(model, ids, optimizer)
+    targets = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)  # (B, n)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(ids, targets)[1].backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_small(opts: RunOptions, log: Log = print) -> list[dict]:
+    """Section ``small``: training steps (forward + backward + AdamW) at the baby-GPT size of
+    ``opts.small``, every case interleaved in the same rounds, on ``opts.small.threads`` threads."""
+    small = opts.small
+    rows: list[dict] = []
+    n, batch = small.block_size, small.batch
+    ids = torch.randint(0, small.vocab_size, (batch, n), generator=torch.Generator().manual_seed(opts.seed))
+    steps: dict[str, StepFn] = {}
+    models: dict[str, nn.Module] = {}
+    notes: dict[str, str] = {}
+    with torch_threads(small.threads):
+        for case, (build, note) in small_builders(small).items():
+            try:
+                torch.manual_seed(opts.seed)
+                model = build().train()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                step = _small_step(case, model, ids, optimizer)
+                for _ in range(max(1, opts.warmup)):  # the first step allocates the optimizer state
+                    step()
+                steps[case], models[case], notes[case] = step, model, note
+            except Exception as exc:  # noqa: BLE001
+                rows.append(make_row("small", case, seq_len=n, batch=batch, status="error",
+                                     note=f"{type(exc).__name__}: {exc}"))
+        peaks = {case: peak_memory_bytes(step) for case, step in steps.items()}
+        times = time_interleaved(steps, opts.repeats, warmup=0, budget_s=opts.time_budget_s,
+                                 max_repeats=max(50, opts.repeats))
+    for case, case_times in times.items():
+        timing = _timing_fields(case_times)
+        params = sum(p.numel() for p in models[case].parameters())  # a tied weight once
+        rows.append(make_row("small", case, seq_len=n, batch=batch, peak_mem_bytes=peaks[case],
+                             implementation=_implementation(models[case]) or "sdpa",
+                             tokens_per_s=batch * n / timing["time_s"], params=params,
+                             note=f"{small.threads} thread(s); {notes[case]}", **timing))
+        log(f"  small n={n} b={batch} {case:<16} {timing['time_s'] * 1e3:8.2f} ms  {params:,} parameters")
+    return rows
+
+
+def _jsonable(value: object) -> object:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
 def environment_info(opts: RunOptions, spec: BenchSpec, peak_flops: float) -> dict:
     """Device, software and settings of this run (written next to the results and printed)."""
     import transformers
@@ -477,7 +579,7 @@ def environment_info(opts: RunOptions, spec: BenchSpec, peak_flops: float) -> di
         "matmul_peak_flops": peak_flops,
         "matmul_peak_size": opts.peak_matmul_size,
         "spec": {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v) for k, v in vars(spec).items()},
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
+        "options": {k: _jsonable(v) for k, v in vars(opts).items()},
         "memory_method": "peak live bytes of torch's CPU allocator during one step (torch.profiler memory events)",
         "timing_method": (f"median of interleaved repeats (at least {opts.repeats}, more while a group's timed "
                           f"rounds fit in {opts.time_budget_s:g} s, at most 50) after {opts.warmup} warm-up "
@@ -507,6 +609,7 @@ def run_suite(opts: RunOptions, spec: BenchSpec, log: Log = print,
         "model": lambda: bench_model(opts, spec, log),
         "generation": lambda: bench_generation(opts, spec, log),
         "train": lambda: bench_train(opts, spec, log),
+        "small": lambda: bench_small(opts, log),
     }
     with frozen_heap():
         for name in opts.sections:
