@@ -105,7 +105,8 @@ def sdpa_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """PyTorch's fused kernel; no weights are formed, so none are returned."""
     # without a mask, causality is sdpa's top-left aligned flag (see eager_attention_forward)
-    use_causal_flag = attention_mask is None and is_causal and query.shape[2] > 1
+    # (a branch, not a value: with a symbolic length the comparison is a SymBool, which sdpa does not take)
+    use_causal_flag = True if attention_mask is None and is_causal and query.shape[2] > 1 else False
     out = F.scaled_dot_product_attention(
         query,
         key,

@@ -3,7 +3,7 @@
 Papers: Beltagy et al., "Longformer" (2020); Jiang et al., "Mistral 7B" (2023).
 Math: ``out_i = softmax_j(q_i k_j * scaling) v_j`` over ``i - w < j <= i`` (causal) or
 ``|i - j| < w`` (bidirectional), w = ``config.sliding_window``.
-Three paths, all O(n * w) time and memory; no n x n score matrix or mask exists anywhere:
+Three paths, all O(n * w) time and memory, with no n x n score matrix or mask (one exception below):
 - banded (CPU, causal, no padding, no cache: pretraining and the benchmark): queries in chunks of
   c = min(w, 64) rows, each chunk running PyTorch's CPU flash kernel over its own overlapping
   window of w + c keys (strided views, one shared (c, w + c) band mask), softmax statistics saved
@@ -12,8 +12,11 @@ Three paths, all O(n * w) time and memory; no n x n score matrix or mask exists 
 - blocked (padding masks, caches, bidirectional, GPU): queries in blocks of w; block b needs key
   blocks b-1 and b (and b+1 when bidirectional), with a (B * n/w, 1, w, span) mask built once per
   forward; the sdpa version recomputes each group of blocks in backward instead of storing it.
-- eager (``output_attentions``, attention dropout): the blocked math written out, returning the
-  (B, H, n/w, w, span) weights.
+- batched (``output_attentions``, attention dropout, ``torch.compile`` / ``torch.export``): the
+  blocked math over all blocks at once, either written out (returning the (B, H, n/w, w, span)
+  weights) or as one sdpa call; plain differentiable ops, so compilers and exporters trace it.
+The exception: ``torch.export`` with a dynamic length cannot express ceil(n / w) blocks, so the
+exported graph masks the full (n, n) scores to the window (``_dense_local_attention``, O(n^2)).
 Shapes: query (B, H, Lq, D); key, value (B, Hkv, Lk, D) where the queries are the last Lq of the
 Lk keys (Lk - Lq cached keys come first); output (B, Lq, H, D).
 Limits: information travels at most w - 1 positions per layer (receptive field L * (w - 1)).
@@ -27,7 +30,6 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 
 def _span_blocks(is_causal: bool) -> int:
@@ -122,8 +124,16 @@ def local_attention_forward(
         # so plain attention over them is exact; no blocks, no mask (the decoding fast path)
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=h != hkv)
         return out.transpose(1, 2).contiguous(), None
+    if torch.compiler.is_exporting() and isinstance(lq, torch.SymInt):
+        # torch.export with a dynamic length: ceil(L / w) blocks give shapes whose divisibility its
+        # symbolic shapes cannot prove (export fails), so the exported graph masks the full scores
+        return _dense_local_attention(query, key, value, attention_mask, w, scaling, is_causal, implementation)
+    # torch.compile / torch.export trace the batched path below: the banded and recomputing paths are
+    # autograd Functions whose Python loops follow the sequence length (a graph per length, none for a
+    # symbolic one) and whose in-place strided writes and private flash ops export cannot express
+    traced = torch.compiler.is_compiling()
     if (attention_mask is None and cached == 0 and is_causal and implementation != "eager"
-            and not (module.training and dropout > 0) and query.device.type == "cpu"):
+            and not (module.training and dropout > 0) and query.device.type == "cpu" and not traced):
         return _banded_local_attention(query, key, value, w, scaling, scratch_output), None
     if attention_mask is None or attention_mask.dim() == 2:
         attention_mask = build_local_block_mask(attention_mask, lq, cached, w, is_causal, b, query.device)
@@ -134,7 +144,7 @@ def local_attention_forward(
     # (B, L, heads, D) layout: how the projections produced q, k, v, so these are free views
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
-    if implementation != "eager" and not (module.training and dropout > 0):
+    if implementation != "eager" and not (module.training and dropout > 0) and not traced:
         q, k, v = _in_kernel_dtype(q, k, v)
         out = _BlockedLocalAttention.apply(q, k, v, attention_mask, w, span_blocks, left, scaling)
         return out[:, :lq], None
@@ -143,7 +153,8 @@ def local_attention_forward(
     v = F.pad(v, (0, 0, 0, 0, left, right))
 
     # Batched path over all blocks: forms the (B * nb, H, w, span) weights (eager), or runs sdpa with
-    # attention dropout, whose random mask cannot be replayed by the recomputing path above.
+    # attention dropout, whose random mask cannot be replayed by the recomputing path above, or in a
+    # traced graph (autograd keeps the gathered (B * nb, Hkv, span, D) windows: about 2x the keys).
     n = b * n_blocks
     qb = F.pad(q, (0, 0, 0, 0, 0, n_blocks * w - lq)).reshape(n, w, h, d).transpose(1, 2)  # (B*nb, H, w, D)
     kb = _gather_blocks(k, n_blocks, w, span_blocks).view(n, span, hkv, d).transpose(1, 2)  # (B*nb, Hkv, span, D)
@@ -164,6 +175,31 @@ def local_attention_forward(
         weights = None
     out = out.transpose(1, 2).reshape(b, n_blocks * w, h, d)[:, :lq]  # (B, Lq, H, D)
     return out.contiguous(), weights
+
+
+def _dense_local_attention(query, key, value, key_padding_mask, window, scaling, is_causal, implementation):
+    """The window as a dense (B or 1, 1, Lq, Lk) mask over full sdpa: O(Lq * Lk), for exported graphs
+    whose length is symbolic. Same allowed keys as ``build_local_block_mask`` (a query always sees
+    itself). Shapes as ``local_attention_forward``; no weights."""
+    if implementation == "eager":
+        raise ValueError("output_attentions: attention_mode='local' forms its blocked weights only for a "
+                         "fixed sequence length, not in torch.export with a dynamic length")
+    if key_padding_mask is not None and key_padding_mask.dim() != 2:
+        raise ValueError("attention_mask: torch.export of attention_mode='local' with a dynamic length takes "
+                         "a 2-D (batch, keys) padding mask")
+    lq, lk = query.shape[2], key.shape[2]
+    q_pos = torch.arange(lk - lq, lk, device=query.device)[:, None]  # (Lq, 1): queries are the last Lq keys
+    k_pos = torch.arange(lk, device=query.device)[None, :]  # (1, Lk)
+    if is_causal:
+        allowed = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    else:
+        allowed = (k_pos - q_pos).abs() < window
+    mask = allowed[None, None]  # (1, 1, Lq, Lk)
+    if key_padding_mask is not None:
+        mask = (mask & key_padding_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])  # (B, H, Lq, D)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _banded_local_attention(query, key, value, window, scaling, scratch_output=False):

@@ -28,6 +28,9 @@ backward recomputes one block's features and chunk states at a time: saved memor
 output and its normaliser plus one (k, D + 1) state per block, and no step allocates an (n, k)
 buffer. Generation steps after the prompt run their chunks at once through the same block code,
 from the cached state. Generation keeps only (S, z): a constant (B, Hkv, k, D + 1) state per layer.
+Traced graphs (``torch.compile``, ``torch.export``) run every row as one block of plain ops with
+autograd's backward (O(n * k) saved features instead of O(block)); a dynamic length in
+``torch.export`` makes the whole sequence one chunk (O(n^2) in-chunk scores, see ``_float_inputs``).
 Shapes: query (B, H, L, D); key, value (B, Hkv, L, D); output (B, L, H, D).
 Weights returned with ``output_attentions``: bidirectional -> (B, H, L, k) softmax over the k slots;
 causal -> ``None`` (the n x n matrix is never formed).
@@ -116,10 +119,18 @@ def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
         q, k, v, mask, chunk, g = _float_inputs(module, query, key, value, attention_mask)
         sizes = feature_factors(module.config)
         past = lowrank_state(cache_layer) if cache_layer is not None else None
-        if past is None:  # training, full-sequence inference, a prompt: streamed, O(block) memory
+        if past is None and not torch.compiler.is_compiling():
+            # training, full-sequence inference, a prompt: streamed, O(block) memory
             out, end_state = _StreamedCausalLowRank.apply(q, k, v, mask, chunk, sizes)
-        else:  # generation: this call's chunks at once, from the cached state
-            block = _Block(q, k, v, sizes, mask, chunk, past.repeat_interleave(g, dim=1))
+        else:
+            # generation: this call's chunks at once, from the cached state; and torch.compile /
+            # torch.export, which trace this one block with autograd's backward (the streamed
+            # Function loops over row blocks in Python, so a graph would exist per length)
+            if past is None:
+                state = q.new_zeros(*v.shape[:2], math.prod(sizes), v.shape[-1] + 1)  # (B, H, k, D + 1)
+            else:
+                state = past.repeat_interleave(g, dim=1)
+            block = _Block(q, k, v, sizes, mask, chunk, state)
             (out, _), end_state = _normalise(block.y(), q.shape[2]), block.end_state
         if cache_layer is not None:
             # the g heads of a group hold one state
@@ -156,7 +167,11 @@ def _float_inputs(module, query, key, value, attention_mask):
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     mask = attention_mask.float() if attention_mask is not None else None
-    chunk = min(module.config.lowrank_chunk_size, query.shape[2])
+    length = query.shape[2]
+    # torch.export with a dynamic length: ceil(L / C) chunks give shapes whose divisibility its symbolic
+    # shapes cannot prove, so the whole sequence is one chunk (the in-chunk form, O(L^2) scores)
+    whole = isinstance(length, torch.SymInt) and torch.compiler.is_exporting()
+    chunk = length if whole else min(module.config.lowrank_chunk_size, length)
     return q, k, v, mask, chunk, g
 
 
@@ -219,7 +234,12 @@ def _running_sum(start, terms, reverse=False):
     """Exclusive running sum over the chunk axis: ``out[:, :, c] = start + terms[:, :, :c].sum(2)``
     (with ``reverse``, over the chunks after c), added chunk by chunk into one buffer. A block has
     few chunks, so this beats cumsum + cat, and it never subtracts (inclusive - own would cancel
-    large terms in float32)."""
+    large terms in float32). Traced graphs take one cumsum over [start, terms[:-1]] instead: the
+    same additions in the same order, without a Python loop over a (possibly symbolic) chunk count."""
+    if torch.compiler.is_compiling():
+        if reverse:
+            return _running_sum(start, terms.flip(2)).flip(2)
+        return torch.cat([start[:, :, None], terms[:, :, :-1]], dim=2).cumsum(2)
     out = torch.empty_like(terms)
     order = range(terms.shape[2] - 1, -1, -1) if reverse else range(terms.shape[2])
     tracked = torch.is_grad_enabled() and (start.requires_grad or terms.requires_grad)

@@ -27,6 +27,8 @@ def _local_mask(key_mask, query_length, past_length, config, batch, device):
         return None  # no padding and (one token or no cache): the kernel's fast paths need no mask
     cached = min(past_length, config.sliding_window - 1)  # what the window cache holds
     keys = key_mask[:, -(cached + query_length):] if key_mask is not None else None
+    if torch.compiler.is_exporting() and isinstance(query_length, torch.SymInt):
+        return keys  # torch.export with a dynamic length: the kernel's dense path takes the padding mask
     return build_local_block_mask(keys, query_length, cached, config.sliding_window, config.is_causal, batch, device)
 
 

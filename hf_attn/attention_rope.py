@@ -8,11 +8,14 @@ all positions. The attention math itself is the
 full softmax kernel of ``attention_eager``; this file only supplies positions.
 Scaling for contexts longer than trained (``config.rope_scaling``):
 - ``linear`` (Chen et al., "Position Interpolation", 2023): positions divided by ``factor``;
-- ``dynamic`` (dynamic NTK, bloc97 / Code Llama style): when a forward sees positions beyond
-  ``max_position_embeddings`` the base grows to
-  ``theta * (factor * L / max_pos - (factor - 1)) ** (D / (D - 2))``; below that length it is plain rope.
+- ``dynamic`` (dynamic NTK, bloc97 / Code Llama style): once the sequence (cached + new tokens, a
+  length the model knows without reading tensors) is longer than ``max_position_embeddings``, the
+  base grows to ``theta * (factor * n / max_pos - (factor - 1)) ** (D / (D - 2))`` with n that
+  length; below it, plain rope. (Not the largest position id: reading it would stop compiled graphs.)
 Shapes: cos/sin (B, L, D) broadcast over heads; q (B, H, L, D), k (B, Hkv, L, D).
-Cost: O(n * D). The cos/sin table is computed once per (device, length) and indexed by position id.
+Cost: O(n * D). Positions the model made itself (each below the sequence length) index a cos/sin
+table, sized from ``max_position_embeddings`` and doubled only for longer sequences; the caller's
+position ids (any values) and traced graphs get angles computed from the ids, as transformers does.
 Limits: dynamic NTK changes every position's angle once the length passes the trained length, so
 keys cached before that point were rotated with the old base (as in other dynamic-NTK implementations).
 """
@@ -28,7 +31,18 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     them (both halves of the last axis equal): ``x * cos + rotate_half(x) * sin``."""
     half = cos.shape[-1] // 2
     cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, L, D/2)
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export: the plain formula, which the compiler fuses itself (the eager
+        # kernel's ``out=`` writes into strided halves are not traceable)
+        return _rotated(q, cos, sin), _rotated(k, cos, sin)
     return _Rotate.apply(q, cos, sin), _Rotate.apply(k, cos, sin)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``_Rotate``'s math as out-of-place ops: (x1 cos - x2 sin, x2 cos + x1 sin), cos/sin the first halves."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class _Rotate(torch.autograd.Function):
@@ -80,10 +94,10 @@ class HfAttnRotary(nn.Module):
         # (device, length) -> (cos, sin) float32 tables (L, D); a plain dict, so it never enters the state dict
         self._tables: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _inv_freq(self, base: float, device: torch.device) -> torch.Tensor:
+    def _inv_freq(self, base: float | torch.Tensor, device: torch.device) -> torch.Tensor:
         return 1.0 / base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
 
-    def _angles(self, positions: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _angles(self, positions: torch.Tensor, base: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self._inv_freq(base, positions.device)  # (..., D/2)
         if self.scaling_type == "linear":
             freqs = freqs / self.factor
@@ -101,18 +115,52 @@ class HfAttnRotary(nn.Module):
             self._tables[key] = self._angles(torch.arange(size, device=device), self.base)
         return self._tables[key]
 
+    def _dynamic_base(self, seq_len: int | torch.Tensor) -> float | torch.Tensor:
+        """Dynamic NTK's base for a sequence of ``seq_len`` tokens: a float for a Python int; a 0-dim
+        tensor, computed in the graph with no host read, for a tensor length (static caches count on
+        the device) or a symbolic one (torch.export / dynamic torch.compile: no guard on its size)."""
+        if isinstance(seq_len, torch.SymInt):  # a traced graph's symbolic length: no guard on its size
+            seq_len = torch.scalar_tensor(seq_len, dtype=torch.float32)
+        if isinstance(seq_len, torch.Tensor):
+            ratio = (self.factor * seq_len.float() / self.max_positions - (self.factor - 1)).clamp(min=1.0)
+            return self.base * ratio ** (self.dim / (self.dim - 2))
+        if seq_len <= self.max_positions:
+            return self.base
+        ratio = self.factor * seq_len / self.max_positions - (self.factor - 1)
+        return self.base * ratio ** (self.dim / (self.dim - 2))
+
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, L) -> cos, sin (B, L, D) in ``dtype``."""
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 1
-        if self.scaling_type == "dynamic" and needed > self.max_positions:
-            ratio = self.factor * needed / self.max_positions - (self.factor - 1)
-            base = self.base * ratio ** (self.dim / (self.dim - 2))
-            cos, sin = self._angles(position_ids, base)
-        elif needed > 8 * self.max_positions:
-            # far beyond the trained length (e.g. position 10**7): no giant table, angles for these ids only
-            cos, sin = self._angles(position_ids, self.base)
-        else:
-            cos_table, sin_table = self._table(needed, position_ids.device)
+    def forward(
+        self,
+        position_ids: torch.Tensor,
+        dtype: torch.dtype,
+        seq_len: int | torch.Tensor | None = None,
+        own_positions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, L) -> cos, sin (B, L, D) in ``dtype``. Never reads tensor values on the
+        host, so the same code runs eagerly, under ``torch.compile`` and in ``torch.export``.
+
+        Args:
+            seq_len: tokens of the sequence after this call (cached + L): a Python int, or a 0-dim
+                tensor for static caches; ``None`` means L. Dynamic NTK scales by it.
+            own_positions: the ids are the model's own count (each < ``seq_len``), so a table of
+                ``seq_len`` rows (at least ``max_position_embeddings``) covers them; otherwise
+                (the caller's ids, any values) the angles are computed from the ids.
+        """
+        if seq_len is None:
+            seq_len = position_ids.shape[-1]
+        base = self._dynamic_base(seq_len) if self.scaling_type == "dynamic" else self.base
+        use_table = (
+            own_positions
+            and isinstance(seq_len, int)
+            and isinstance(base, float)
+            and base == self.base
+            and seq_len <= 8 * self.max_positions  # far beyond the trained length: no giant table
+            and not torch.compiler.is_compiling()  # traced graphs compute the angles (no module state to fill)
+        )
+        if use_table:
+            cos_table, sin_table = self._table(seq_len, position_ids.device)
             cos, sin = cos_table[position_ids], sin_table[position_ids]
+        else:
+            cos, sin = self._angles(position_ids, base)
         return cos.to(dtype), sin.to(dtype)

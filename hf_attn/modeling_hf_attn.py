@@ -15,21 +15,21 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.generation.configuration_utils import GenerationMode
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    SequenceClassifierOutputWithPast,
-)
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import (
     create_bidirectional_mask,
     create_causal_mask,
     create_sliding_window_causal_mask,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -206,6 +206,9 @@ class HfAttnPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    # torch.compile(fullgraph=True) traces every mode with no graph break (tests/test_compile.py), so
+    # generate() may compile the decoding step of static caches
+    _can_compile_fullgraph = True
 
     def __init__(self, config: HfAttnConfig, *args, **kwargs) -> None:
         # Fields may have been changed after the config was built (from_pretrained overrides, setattr).
@@ -322,7 +325,6 @@ class HfAttnPreTrainedModel(PreTrainedModel):
             write_model_card(save_directory, self.config, self.model_card_data)
             if push_to_hub:
                 from .hub_hf_attn import upload_checkpoint
-
                 from .modelcard_hf_attn import folder_model_name
 
                 # an atomic save writes into a temporary folder: name the repo after the final one
@@ -382,9 +384,19 @@ def _split_kwargs(config: HfAttnConfig, kwargs: dict) -> dict:
     return attention
 
 
+def _tracing() -> bool:
+    """Whether this call is being traced into a graph: ``torch.compile`` (dynamo sets the flag while it
+    traces), ``torch.export`` and ``torch.onnx.export(dynamo=True)`` (export sets it too),
+    ``torch.jit.trace`` or ``torch.fx.symbolic_trace``. Tensor values are unknown there."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
+
+
 def _checking() -> bool:
-    """Value checks that read tensors on the host run only in eager execution, not while tracing."""
-    return not torch.compiler.is_compiling()
+    """Value checks that read tensors on the host (token range, mask values, position limit, packed
+    rows) run only in eager execution: a traced graph would stop at each read (a graph break, or an
+    error under ``fullgraph=True`` and in export) and a GPU would wait for every one of them."""
+    return not _tracing()
 
 
 def _check_inputs(
@@ -519,7 +531,8 @@ class HfAttnModel(HfAttnPreTrainedModel):
         key_mask = None  # (B, T) bool, None when nothing is padded
         if attention_mask is not None and not (_checking() and bool(attention_mask.all())):
             key_mask = attention_mask.bool()
-        if key_mask is None and config.attention_mode == "local":
+        if key_mask is None and config.attention_mode == "local" and not _tracing():
+            # (a traced graph builds the mask in the graph: no host-side store to read or fill)
             key = ("local", length, int(past_length), batch, inputs_embeds.device)
             return self._mask_cache.get(key, lambda: spec.build_mask(None, length, int(past_length), config, batch,
                                                                      inputs_embeds.device)), False
@@ -611,7 +624,11 @@ class HfAttnModel(HfAttnPreTrainedModel):
         if self.embed_positions is not None:
             hidden_states = hidden_states + self.embed_positions(position_ids)
         hidden_states = self.dropout(hidden_states)
-        position_embeddings = self.rotary(position_ids, hidden_states.dtype) if self.rotary is not None else None
+        position_embeddings = None
+        if self.rotary is not None:
+            # past + length: a Python int (a tensor for static caches), never read from the ids
+            position_embeddings = self.rotary(position_ids, hidden_states.dtype, seq_len=past + length,
+                                              own_positions=user_position_ids is None)
         mask, dense = self._build_mask(attention_mask, inputs_embeds, given_cache, position_ids, user_position_ids, past)
 
         all_hidden = [] if output_hidden_states else None

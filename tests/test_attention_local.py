@@ -6,11 +6,10 @@ import pytest
 import torch
 from conftest import tiny_config
 from shape_probe import ShapeProbe
-
-from hf_attn.attention_eager import eager_attention_forward
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from hf_attn.attention_eager import eager_attention_forward
 from hf_attn.attention_local import local_attention_forward
 from hf_attn.modeling_hf_attn import HfAttnAttention, HfAttnForCausalLM
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import cache_of, tiny_config
 from shape_probe import ShapeProbe
-
 from transformers.cache_utils import LinearAttentionLayer
 
 from hf_attn.attention_lowrank import feature_factors, lowrank_attention_forward

@@ -79,3 +79,31 @@ def test_fused_rotation_matches_textbook_form_and_gradients():
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-7)
     bq = torch.randn(1, 4, 7, 8, dtype=torch.bfloat16)  # bf16 activations, float32 tables -> float32, as x * cos
     assert apply_rotary(bq, bq, cos[:1], sin[:1])[0].dtype == torch.float32
+
+
+def test_tables_are_sized_from_lengths_never_from_position_values():
+    """The model's own positions (below ``seq_len``, a Python int) index a table of
+    ``max_position_embeddings`` rows doubled until it covers ``seq_len``; the caller's ids, whatever
+    their values, get angles computed from them (equal to the table's) and never grow a table."""
+    rot = rotary()  # max_position_embeddings=128
+    positions = torch.arange(300)[None]
+    from_table = rot(positions, torch.float32, seq_len=300, own_positions=True)
+    assert [size for _, size in rot._tables] == [512]
+    computed = rot(positions, torch.float32)
+    torch.testing.assert_close(from_table, computed, rtol=0, atol=1e-6)
+    rot(torch.tensor([[10**7]]), torch.float32)
+    assert [size for _, size in rot._tables] == [512]
+
+
+def test_dynamic_ntk_scales_by_the_sequence_length_cache_included():
+    """A decoding step is scaled as its whole sequence (cached + new tokens), whether that length is a
+    Python int (dynamic caches) or a 0-dim tensor (static caches count on the device)."""
+    dynamic = rotary(rope_scaling={"type": "dynamic", "factor": 2.0})
+    whole = dynamic(torch.arange(300)[None], torch.float32)  # seq_len defaults to the ids' length
+    last = torch.tensor([[299]])
+    for seq_len in (300, torch.tensor(300)):
+        step = dynamic(last, torch.float32, seq_len=seq_len)
+        torch.testing.assert_close(step[0], whole[0][:, -1:])
+        torch.testing.assert_close(step[1], whole[1][:, -1:])
+    plain = rotary()(last, torch.float32)
+    torch.testing.assert_close(dynamic(last, torch.float32, seq_len=torch.tensor(128))[0], plain[0])

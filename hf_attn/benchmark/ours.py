@@ -90,7 +90,10 @@ class OurAttentionAsInModel(nn.Module):
         b, n, _ = hidden.shape
         position_ids = torch.arange(n, device=hidden.device)[None]
         rotary = self.model.rotary
-        position_embeddings = rotary(position_ids, hidden.dtype) if rotary is not None else None
+        # as HfAttnModel.forward calls it for positions it made itself: the table lookup
+        position_embeddings = None
+        if rotary is not None:
+            position_embeddings = rotary(position_ids, hidden.dtype, seq_len=n, own_positions=True)
         # the mask in the form this mode's kernel takes, built as HfAttnModel.forward builds it
         mask = self._mask(n, b, hidden.device)
         out, _ = self.attn(hidden, mask, position_ids, position_embeddings)
