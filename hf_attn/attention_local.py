@@ -128,6 +128,12 @@ def local_attention_forward(
         # torch.export with a dynamic length: ceil(L / w) blocks give shapes whose divisibility its
         # symbolic shapes cannot prove (export fails), so the exported graph masks the full scores
         return _dense_local_attention(query, key, value, attention_mask, w, scaling, is_causal, implementation)
+    if attention_mask is None and cached == 0 and is_causal and lq <= w and implementation != "eager":
+        # no longer than the window, no padding, no cache: every earlier key is in the window, so plain
+        # causal attention is exact (one fused call instead of the band machinery)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout if module.training else 0.0,
+                                             is_causal=True, scale=scaling, enable_gqa=h != hkv)
+        return out.transpose(1, 2).contiguous(), None
     # torch.compile / torch.export trace the batched path below: the banded and recomputing paths are
     # autograd Functions whose Python loops follow the sequence length (a graph per length, none for a
     # symbolic one) and whose in-place strided writes and private flash ops export cannot express
