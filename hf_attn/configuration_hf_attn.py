@@ -316,6 +316,8 @@ class HfAttnConfig(PretrainedConfig):
         params = self.rope_parameters
         if not isinstance(params, dict):
             _fail("rope_parameters", params, "a dict with rope_type, rope_theta and (for scaling) factor")
+        if "type" in params:  # rope_scaling={"type": ...} set after construction (from_pretrained overrides)
+            params["rope_type"] = params.pop("type")
         unknown = set(params) - {"rope_type", "rope_theta", "factor"}
         if unknown:
             _fail("rope_scaling", params, f"the keys 'type' and 'factor' (unknown: {sorted(unknown)})")

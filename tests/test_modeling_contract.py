@@ -284,3 +284,11 @@ def test_local_mask_cache_is_bounded_and_owned_by_the_model():
             cache = getattr(model(ids(1, n), use_cache=True), CACHE)
             model(ids(1, 2), **{CACHE: cache}, use_cache=True)  # a cached multi-token call builds a mask
     assert 0 < store.nbytes <= 4096
+
+
+def test_rope_scaling_override_at_load_time(tmp_path):
+    make_lm("rope").save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers prefers rope_parameters
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, rope_scaling={"type": "linear", "factor": 4.0})
+    assert model.config.rope_parameters["rope_type"] == "linear" and model.model.rotary.factor == 4.0
