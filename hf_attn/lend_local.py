@@ -142,7 +142,11 @@ def hf_attn_local_attention_forward(
         # Stock attention modules send our output only through o_proj (a reshape, then a Linear),
         # whose backward runs before ours and hands us a fresh gradient: the kernel's backward may
         # then write its gradients into those two buffers (two (B, Lq, H, D) tensors less at the peak).
-        scratch = isinstance(getattr(module, "o_proj", None), nn.Linear)
+        # Not when anyone else can still read that output afterwards: a hook on o_proj (it sees the
+        # output as its input) or saved-tensor hooks (they may keep o_proj's saved input).
+        o_proj = getattr(module, "o_proj", None)
+        scratch = (isinstance(o_proj, nn.Linear) and not o_proj._forward_hooks and not o_proj._forward_pre_hooks
+                   and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
         return local_attention_forward(view, query, key, value, attention_mask, scaling, dropout,
                                        is_causal=True, implementation="sdpa", scratch_output=scratch, **kwargs)
     if is_causal and (attention_mask is not None or 1 < lq < lk):

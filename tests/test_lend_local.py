@@ -200,3 +200,28 @@ def test_layer_window_lookup_and_unsupported_options():
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(ValueError, match="softcap"):
         lend.hf_attn_local_attention_forward(sliding, q, q, q, None, scaling=1.0, softcap=50.0)
+
+
+def test_hooked_activations_and_saved_tensors_survive_backward():
+    """The kernel's backward reuses the output's memory only when nothing else can read it: a forward
+    hook on o_proj (which sees that output) or saved-tensor hooks turn the reuse off."""
+    _, ours = model_pair("mistral")
+    ours.train()
+    ids, mask = batch(30, "none")
+    captured = []
+    ours.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    loss = ours(ids, labels=ids).loss
+    before = captured[-1].detach().clone()
+    loss.backward()
+    torch.testing.assert_close(captured[-1].detach(), before, rtol=0, atol=0)
+    packed = []
+
+    def pack(t):
+        packed.append((t, t.detach().clone()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = ours(ids, labels=ids).loss
+    loss.backward()
+    for tensor, copy in packed:
+        torch.testing.assert_close(tensor.detach(), copy, rtol=0, atol=0)
