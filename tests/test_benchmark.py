@@ -365,3 +365,36 @@ def test_small_profiles_compare_every_case_with_the_reference(tmp_path):
     assert "aten::mm" in eager and "Python functions per step" in eager and "modeling_hf_attn.py" in eager
     diff = (tmp_path / "profile_small_vs_reference.txt").read_text(encoding="utf-8")
     assert diff.count("## ours_") == len(paths) - 2 and "all operators" in diff
+
+
+# --- the compile section: torch.compile(fullgraph=True) against the same model uncompiled -------
+
+def test_compile_section_rows_are_well_formed(tmp_path, capsys):
+    argv = [*TINY_ARGS, "--sections", "compile", "--compile-backend", "aot_eager", "--compile-train-seq-len", "16",
+            "--compile-train-batch", "2", "--compile-gen-prompt", "4", "--compile-gen-tokens", "4", "--out",
+            str(tmp_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[compile]" in printed and "compiled / uncompiled" in printed
+    payload = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    rows = payload["rows"]
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    defaults = RunOptions()
+    expected = {("compile_train", case, compiled) for case in defaults.compile_train_cases for compiled in (False, True)}
+    expected |= {("compile_decode", case, compiled) for case in defaults.compile_gen_cases for compiled in (False, True)}
+    assert {(r["section"], r["case"], r["compiled"]) for r in rows} == expected and len(rows) == len(expected)
+    for r in rows:
+        assert r["time_s"] > 0 and r["time_s_min"] <= r["time_s"] <= r["time_s_max"] and r["repeats"] == 1
+        if r["section"] == "compile_train":
+            assert (r["seq_len"], r["batch"]) == (16, 2)
+            assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["time_s"])
+        else:
+            assert (r["seq_len"], r["gen_len"], r["batch"]) == (8, 4, 1)
+            assert r["tokens_per_s"] == pytest.approx(4 / r["time_s"])
+        if r["compiled"]:
+            assert r["compile_s"] >= 0 and "backend=aot_eager" in r["note"] and "; 0 graph(s)" not in r["note"]
+        else:
+            assert r["compile_s"] is None
+    table = report.compile_table(rows)
+    assert len(table.splitlines()) == 2 + len(expected) // 2
+    assert "compiled / uncompiled" in (tmp_path / "summary.md").read_text(encoding="utf-8")

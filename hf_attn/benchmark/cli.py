@@ -14,6 +14,7 @@ from .profiling import write_profiles, write_small_profiles
 from .reference import REFERENCE_LAYERS, REFERENCE_MODELS
 from .report import (
     PRIMARY_PAIRS,
+    compile_table,
     evaluate_targets,
     plot_results,
     ratio_rows,
@@ -89,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-case-seconds", type=float, default=d.max_case_seconds,
                    help="skip a case whose predicted step time exceeds this")
     p.add_argument("--peak-matmul-size", type=int, default=d.peak_matmul_size, help="size of the MFU peak matmul")
+    p.add_argument("--compile-backend", default=d.compile_backend,
+                   help="torch.compile backend of the compile section (inductor; aot_eager/eager for a quick check)")
+    p.add_argument("--compile-train-seq-len", type=int, default=d.compile_train_seq_len)
+    p.add_argument("--compile-train-batch", type=int, default=d.compile_train_batch)
+    p.add_argument("--compile-gen-prompt", type=int, default=d.compile_gen_prompt,
+                   help="prompt tokens of the compile section's static-cache decoding")
+    p.add_argument("--compile-gen-tokens", type=int, default=d.compile_gen_tokens,
+                   help="new tokens of the compile section's static-cache decoding")
     p.add_argument("--from-json", type=Path, default=None, metavar="RESULTS_JSON",
                    help="measure nothing: rebuild ratios, targets, summary and plots in --out from the rows "
                         "of an earlier run's results.json")
@@ -111,9 +120,12 @@ def options_from_args(args: argparse.Namespace) -> tuple[RunOptions, BenchSpec]:
         gen_tokens=args.gen_tokens,
         cache_stride=args.cache_stride, train_seq_len=args.train_seq_len, train_batch=args.train_batch,
         mem_budget_bytes=int(args.mem_budget_gb * 2**30), max_case_seconds=args.max_case_seconds,
-        peak_matmul_size=args.peak_matmul_size,
+        peak_matmul_size=args.peak_matmul_size, compile_backend=args.compile_backend,
+        compile_train_seq_len=args.compile_train_seq_len, compile_train_batch=args.compile_train_batch,
+        compile_gen_prompt=args.compile_gen_prompt, compile_gen_tokens=args.compile_gen_tokens,
     )
-    longest = max(max(opts.seq_lens), opts.gen_prompt + opts.gen_tokens, opts.train_seq_len)
+    longest = max(max(opts.seq_lens), opts.gen_prompt + opts.gen_tokens, opts.train_seq_len,
+                  opts.compile_train_seq_len, opts.compile_gen_prompt + opts.compile_gen_tokens)
     spec = BenchSpec(
         hidden_size=args.hidden_size, num_heads=args.num_heads, num_layers=args.num_layers,
         intermediate_size=args.intermediate_size, vocab_size=args.vocab_size, window=args.window,
@@ -168,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n[{section}] ours / reference, {metric}:\n{ratio_table(ratios, section, metric)}")
     if any(r["section"] == "small" for r in rows):
         print(f"\n[small] baby-GPT training step, ratios to the reference GPT and to ours eager:\n{small_table(rows)}")
+    if any(r["section"].startswith("compile_") for r in rows):
+        print(f"\n[compile] torch.compile(fullgraph=True) vs uncompiled, tokens/s:\n{compile_table(rows)}")
     print("\nTargets:\n" + targets_table(targets))
     for t in targets:
         value = "-" if t.measured is None else f"{t.measured:.2f}"

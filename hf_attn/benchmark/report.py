@@ -283,6 +283,32 @@ def small_table(rows: list[dict]) -> str:
     return _markdown_table(header, body)
 
 
+def compile_table(rows: list[dict]) -> str:
+    """Markdown table of the ``compile`` section: per part (train, decode) and case, tokens/s uncompiled
+    and compiled, their ratio compiled / uncompiled (> 1 means compiling pays) and the compile seconds."""
+    body = []
+    for section, part in (("compile_train", "train"), ("compile_decode", "decode")):
+        cases = list(dict.fromkeys(r["case"] for r in rows if r["section"] == section))
+        for case in cases:
+            pair = {bool(r["compiled"]): r for r in rows if r["section"] == section and r["case"] == case}
+            plain, comp = pair.get(False), pair.get(True)
+
+            def tps(r: dict | None) -> str:
+                if r is None:
+                    return "-"
+                return _fmt(r["tokens_per_s"]) if r["status"] == "ok" else r["status"]
+
+            ok = plain is not None and comp is not None and plain["status"] == comp["status"] == "ok"
+            ratio = _fmt(comp["tokens_per_s"] / plain["tokens_per_s"], digits=2) if ok else "-"
+            any_row = comp or plain
+            body.append([part, case, str(any_row["seq_len"]), str(any_row["batch"]), tps(plain), tps(comp), ratio,
+                         _fmt(comp["compile_s"]) if comp is not None and comp["compile_s"] is not None else "-",
+                         f"{plain['repeats']}/{comp['repeats']}" if ok else "-"])
+    header = ["part", "case", "n", "batch", "uncompiled tok/s", "compiled tok/s", "compiled / uncompiled",
+              "compile s", "repeats"]
+    return _markdown_table(header, body)
+
+
 def targets_table(targets: list[TargetResult]) -> str:
     """Markdown table of the targets with verdicts."""
     body = [[t.name, t.requirement, _fmt(t.measured, digits=2), t.verdict, t.detail] for t in targets]
@@ -322,6 +348,12 @@ def summary_markdown(rows: list[dict], env: dict, ratios: list[dict], targets: l
                            ("train", "Training step (forward + backward + AdamW)")):
         if any(r["section"] == section for r in rows):
             parts += [f"## {title}", section_table(rows, section)]
+    if any(r["section"].startswith("compile_") for r in rows):
+        parts += ["## torch.compile(fullgraph=True) vs uncompiled",
+                  "train: forward + backward + AdamW (model compiled, optimizer not); decode: greedy generate() "
+                  "with a static cache (decode step compiled via CompileConfig). Compile time excluded from "
+                  "the timings (compiled cases warmed up until no new graph compiles) and shown apart.",
+                  compile_table(rows)]
     small = [r for r in rows if r["section"] == "small"]
     if small:
         parts += ["## Small size: baby-GPT training step (forward + backward + AdamW)",

@@ -49,6 +49,7 @@ from .measure import (
     matmul_peak_flops,
     median,
     peak_memory_bytes,
+    time_call,
     time_interleaved,
     torch_threads,
 )
@@ -64,10 +65,10 @@ from .reference import (
 from .reference_gpt import RefGPT, RefGPTConfig
 from .spec import BenchSpec, SmallSpec
 
-SECTIONS = ("attention", "kernel", "scaling", "model", "generation", "train", "small")
+SECTIONS = ("attention", "kernel", "scaling", "model", "generation", "train", "small", "compile")
 # what a run measures when --sections is not given: ``small`` asks a different question (overhead at a
-# tiny size, on one thread) and runs only on request
-DEFAULT_SECTIONS = SECTIONS[:-1]
+# tiny size, on one thread) and ``compile`` spends minutes compiling graphs; both run only on request
+DEFAULT_SECTIONS = SECTIONS[:-2]
 # the four attention modes, plus lowrank with the softmax feature map (ours.MODE_VARIANTS)
 ATTENTION_MODES = ("eager", "local", "lowrank", "rope", "lowrank_softmax")
 OURS_PREFIX = "ours_"
@@ -77,7 +78,7 @@ MATERIALISE_SCORES = {"gpt2_eager", "mistral_eager"}
 COLUMNS = (
     "section", "case", "side", "attention", "implementation", "seq_len", "batch", "gen_len", "repeats",
     "time_s", "time_s_min", "time_s_max", "times_s", "cpu_time_s", "peak_mem_bytes", "tokens_per_s", "kv_cache_bytes",
-    "flops_per_token", "mfu", "params", "status", "note",
+    "flops_per_token", "mfu", "params", "status", "note", "compiled", "compile_s",
 )
 
 Log = Callable[[str], None]
@@ -105,6 +106,14 @@ class RunOptions:
     max_case_seconds: float = 120.0
     peak_matmul_size: int = 4096
     small: SmallSpec = field(default_factory=SmallSpec)
+    # section ``compile``: torch.compile backend, training size, decoding prompt / new tokens, cases
+    compile_backend: str = "inductor"
+    compile_train_seq_len: int = 256
+    compile_train_batch: int = 2
+    compile_gen_prompt: int = 16
+    compile_gen_tokens: int = 32
+    compile_train_cases: tuple[str, ...] = ("ours_eager", "ours_rope", "ours_local", "ours_lowrank", "llama_sdpa")
+    compile_gen_cases: tuple[str, ...] = ("ours_eager", "ours_rope", "ours_local")
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -119,7 +128,8 @@ class RunOptions:
             unknown = [v for v in values if v not in allowed]
             if unknown:
                 raise ValueError(f"{name}={list(values)} is invalid: {unknown} unknown; allowed values are {list(allowed)}")
-        for name in ("repeats", "batch", "gen_prompt", "gen_tokens", "cache_stride", "train_seq_len", "train_batch"):
+        for name in ("repeats", "batch", "gen_prompt", "gen_tokens", "cache_stride", "train_seq_len", "train_batch",
+                     "compile_train_seq_len", "compile_train_batch", "compile_gen_prompt", "compile_gen_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: expected an integer >= 1")
         if self.warmup < 0:
@@ -550,6 +560,134 @@ def bench_small(opts: RunOptions, log: Log = print) -> list[dict]:
     return rows
 
 
+def _compile_builder(case: str, spec: BenchSpec) -> Callable[[], nn.Module]:
+    if case.startswith(OURS_PREFIX):
+        return lambda: build_our_model(case[len(OURS_PREFIX):], spec)
+    return lambda: build_reference_model(case, spec)
+
+
+def _warm_compiled(step: StepFn, calls: int) -> tuple[float, int, int]:
+    """Call a compiled ``step`` until it stops compiling: the first call, then more while a call still
+    (re)compiles a graph (dynamo's ``unique_graphs`` counter grows), at least ``calls`` calls in all. Returns
+    (compile seconds = the warm-up wall time minus as many steady calls, calls made, graphs compiled)."""
+    from torch._dynamo.utils import counters
+
+    def compiled_frames() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    walls: list[float] = []
+    start = compiled_frames()
+    for i in range(50):
+        before = compiled_frames()
+        walls.append(time_call(step).wall)
+        if i + 1 >= max(calls, 2) and compiled_frames() == before:
+            break
+    steady = walls[-1]
+    return max(0.0, sum(walls) - steady * len(walls)), len(walls), compiled_frames() - start
+
+
+def bench_compile(opts: RunOptions, spec: BenchSpec, log: Log = print) -> list[dict]:
+    """Section ``compile``: ``torch.compile(model, fullgraph=True)`` against the same model uncompiled.
+
+    Rows of section ``compile_train``: training steps (forward, backward of the LM loss, AdamW; the model
+    compiled, the optimizer not) at ``compile_train_seq_len`` x ``compile_train_batch``, tokens/s, for
+    ``compile_train_cases``. Rows of ``compile_decode``: greedy ``generate()`` with
+    ``cache_implementation="static"``, tokens/s of ``compile_gen_tokens`` new tokens after a
+    ``compile_gen_prompt``-token prompt, compiled through ``CompileConfig(fullgraph=True)`` (the decode
+    step compiled, the prefill not) or uncompiled (``disable_compile``), for ``compile_gen_cases``.
+    Compiled and uncompiled copies hold the same initial weights. The compiled ones are warmed up until
+    no call compiles a new graph; the compile seconds (warm-up time beyond steady calls) are reported in
+    ``compile_s``, not in the timings. All cases of a part are timed in the same interleaved rounds.
+    """
+    from transformers import CompileConfig
+
+    backend = opts.compile_backend
+    rows: list[dict] = []
+    torch._dynamo.reset()
+    # --- training
+    n, batch = opts.compile_train_seq_len, opts.compile_train_batch
+    tspec = dataclasses.replace(spec, max_positions=n)
+    ids = _random_ids(batch, n, tspec, opts.seed)
+    steps: dict[str, StepFn] = {}
+    meta: dict[str, tuple[str, bool, nn.Module]] = {}
+    compile_s: dict[str, float] = {}
+    frames: dict[str, int] = {}
+    for case in opts.compile_train_cases:
+        for compiled in (False, True):
+            key = f"{case}:{'compiled' if compiled else 'uncompiled'}"
+            try:
+                torch.manual_seed(opts.seed)
+                model = _compile_builder(case, tspec)().train()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                runner = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
+                step = _lm_step(runner, ids, optimizer)
+                if compiled:
+                    compile_s[key], calls, frames[key] = _warm_compiled(step, opts.warmup + 1)
+                    log(f"  compile_train {case:<14} compiled in {compile_s[key]:7.1f} s ({calls} warm-up calls, "
+                        f"{frames[key]} graph(s) compiled)")
+                else:
+                    for _ in range(max(1, opts.warmup)):  # the first step allocates the optimizer state
+                        step()
+                steps[key], meta[key] = step, (case, compiled, model)
+            except Exception as exc:  # noqa: BLE001 - a broken case is reported, the run goes on
+                rows.append(make_row("compile_train", case, seq_len=n, batch=batch, compiled=compiled,
+                                     status="error", note=f"{type(exc).__name__}: {exc}"[:500]))
+                log(f"  compile_train {key}: error {rows[-1]['note']}")
+    times = time_interleaved(steps, opts.repeats, warmup=0, budget_s=opts.time_budget_s)
+    for key, case_times in times.items():
+        case, compiled, model = meta[key]
+        timing = _timing_fields(case_times)
+        rows.append(make_row("compile_train", case, seq_len=n, batch=batch, implementation=_implementation(model),
+                             tokens_per_s=batch * n / timing["time_s"], compiled=compiled,
+                             compile_s=compile_s.get(key), note=f"backend={backend}; {frames[key]} graph(s) compiled" if compiled else None,
+                             **timing))
+        log(f"  compile_train n={n} b={batch} {key:<24} {rows[-1]['tokens_per_s']:9.1f} tok/s")
+    del steps, meta
+    gc.collect()
+    # --- static-cache decoding
+    prompt_len, new = opts.compile_gen_prompt, opts.compile_gen_tokens
+    gspec = dataclasses.replace(spec, max_positions=prompt_len + new)
+    prompt = _random_ids(1, prompt_len, gspec, opts.seed)
+    config = CompileConfig(fullgraph=True, mode="default", backend=backend)
+    config._compile_all_devices = True  # generate() compiles only on accelerators unless told
+    steps, meta, compile_s, frames = {}, {}, {}, {}
+    for case in opts.compile_gen_cases:
+        for compiled in (False, True):
+            key = f"{case}:{'compiled' if compiled else 'uncompiled'}"
+            try:
+                torch.manual_seed(opts.seed)
+                model = _compile_builder(case, gspec)().eval()
+                kwargs = {"compile_config": config} if compiled else {"disable_compile": True}
+
+                def step(m: nn.Module = model, kw: dict = kwargs) -> None:
+                    m.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                               cache_implementation="static", **kw)
+
+                if compiled:
+                    compile_s[key], calls, frames[key] = _warm_compiled(step, opts.warmup + 1)
+                    log(f"  compile_decode {case:<14} compiled in {compile_s[key]:7.1f} s ({calls} warm-up calls, "
+                        f"{frames[key]} graph(s) compiled)")
+                else:
+                    for _ in range(opts.warmup):
+                        step()
+                steps[key], meta[key] = step, (case, compiled, model)
+            except Exception as exc:  # noqa: BLE001
+                rows.append(make_row("compile_decode", case, seq_len=prompt_len + new, batch=1, gen_len=new,
+                                     compiled=compiled, status="error", note=f"{type(exc).__name__}: {exc}"[:500]))
+                log(f"  compile_decode {key}: error {rows[-1]['note']}")
+    times = time_interleaved(steps, opts.repeats, warmup=0, budget_s=opts.time_budget_s)
+    for key, case_times in times.items():
+        case, compiled, model = meta[key]
+        timing = _timing_fields(case_times)
+        rows.append(make_row("compile_decode", case, seq_len=prompt_len + new, batch=1, gen_len=new,
+                             implementation=_implementation(model), tokens_per_s=new / timing["time_s"],
+                             compiled=compiled, compile_s=compile_s.get(key),
+                             note=(f"backend={backend}; static cache; {frames[key]} graph(s) compiled" if compiled
+                                   else "static cache"), **timing))
+        log(f"  compile_decode {key:<24} {rows[-1]['tokens_per_s']:9.1f} tok/s")
+    return rows
+
+
 def _jsonable(value: object) -> object:
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
@@ -610,6 +748,7 @@ def run_suite(opts: RunOptions, spec: BenchSpec, log: Log = print,
         "generation": lambda: bench_generation(opts, spec, log),
         "train": lambda: bench_train(opts, spec, log),
         "small": lambda: bench_small(opts, log),
+        "compile": lambda: bench_compile(opts, spec, log),
     }
     with frozen_heap():
         for name in opts.sections:
