@@ -46,13 +46,11 @@ class AttentionSpec:
     init_module: Callable | None = None
     # full softmax modes honour any transformers attn_implementation (eager, sdpa, flash, ...)
     full_attention: bool = False
-    # whether several sequences packed in one row (position ids restarting at 0) can be kept apart
-    supports_packing: bool = False
 
 
 ATTENTION_REGISTRY: dict[str, AttentionSpec] = {
-    "eager": AttentionSpec(sdpa_attention_forward, full_attention=True, supports_packing=True),
-    "rope": AttentionSpec(sdpa_attention_forward, full_attention=True, supports_packing=True),
+    "eager": AttentionSpec(sdpa_attention_forward, full_attention=True),
+    "rope": AttentionSpec(sdpa_attention_forward, full_attention=True),
     "local": AttentionSpec(local_attention_forward, _local_mask),
     "lowrank": AttentionSpec(lowrank_attention_forward, _new_keys_mask, init_lowrank_module),
 }

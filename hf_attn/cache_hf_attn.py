@@ -42,16 +42,21 @@ def set_lowrank_state(layer: LinearAttentionCacheLayerMixin, state: torch.Tensor
     layer.update_recurrent_state(state.detach())
     layer.has_previous_state[0] = True
     layer.device, layer.dtype = state.device, state.dtype  # read by reorder_cache / offload
-    layer.hf_attn_seen_tokens = getattr(layer, "hf_attn_seen_tokens", 0) + new_tokens
+    layer.hf_attn_seen_tokens = seen_tokens(layer) + new_tokens
 
 
-def past_length(cache: Cache | None, config):
+def seen_tokens(layer: LinearAttentionCacheLayerMixin) -> int:
+    """Tokens a low-rank state layer has folded in (``set_lowrank_state`` counts them)."""
+    return getattr(layer, "hf_attn_seen_tokens", 0)
+
+
+def past_length(cache: Cache | None):
     """Tokens the cache has seen: an int, or a tensor for static caches. A low-rank cache holds only
     linear-attention layers, for which ``Cache.get_seq_length`` is undefined: each layer counts."""
     if cache is None or not cache.layers:
         return 0
-    if config.attention_mode == "lowrank":
-        return getattr(cache.layers[0], "hf_attn_seen_tokens", 0)
+    if all(cache.is_linear):
+        return seen_tokens(cache.layers[0])
     return cache.get_seq_length()
 
 
@@ -66,7 +71,7 @@ class HfAttnCache(DynamicCache):
         """Tokens seen so far. transformers leaves this undefined for a cache of linear-attention layers
         only (5.23's generate still asks): a low-rank layer counts its tokens itself."""
         if self.layers and all(self.is_linear):
-            return getattr(self.layers[layer_idx], "hf_attn_seen_tokens", 0)
+            return seen_tokens(self.layers[layer_idx])
         return super().get_seq_length(layer_idx)
 
     def nbytes(self) -> int:
@@ -172,11 +177,6 @@ class BoundedTensorCache:
                 self._items.popitem(last=False)
         return value
 
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 __all__ = ["BoundedTensorCache", "HfAttnCache", "cache_nbytes", "cache_tensors", "check_cache", "lowrank_state", "past_length",

@@ -495,9 +495,9 @@ class HfAttnModel(HfAttnPreTrainedModel):
         )
         return self.config.max_position_embeddings if needs_table else None
 
-    def _build_mask(self, attention_mask, inputs_embeds, cache, position_ids, user_position_ids, past_length):
+    def _build_mask(self, attention_mask, padded, inputs_embeds, cache, position_ids, user_position_ids, past_length):
         """The mask every layer shares, in the form this mode's kernel takes, and whether it is a dense
-        (B, 1, Lq, Lk) mask for the full-attention kernels.
+        (B, 1, Lq, Lk) mask for the full-attention kernels. ``padded``: a 2-D mask with padding in it.
 
         Full modes: transformers' ``create_causal_mask`` (padding, packed rows, static caches, every
         attn_implementation). Local: the O(n * w) blocked mask, or a dense sliding-window mask for a
@@ -528,9 +528,7 @@ class HfAttnModel(HfAttnPreTrainedModel):
                 f"attention_mode={config.attention_mode!r} cannot keep packed sequences apart; pad the batch instead, "
                 "or use attention_mode 'eager' or 'rope', which support packing"
             )
-        key_mask = None  # (B, T) bool, None when nothing is padded
-        if attention_mask is not None and not (_checking() and bool(attention_mask.all())):
-            key_mask = attention_mask.bool()
+        key_mask = attention_mask.bool() if padded else None  # (B, T) bool, None when nothing is padded
         if key_mask is None and config.attention_mode == "local" and not _tracing():
             # (a traced graph builds the mask in the graph: no host-side store to read or fill)
             key = ("local", length, int(past_length), batch, inputs_embeds.device)
@@ -590,7 +588,7 @@ class HfAttnModel(HfAttnPreTrainedModel):
             use_cache = False
         if cache is not None and (input_ids is not None or inputs_embeds is not None):
             check_cache(cache, config, (input_ids if input_ids is not None else inputs_embeds).shape[0])
-        past = past_length(cache, config)  # an int, or a tensor for static caches
+        past = past_length(cache)  # an int, or a tensor for static caches
         _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, past)
         given_cache = cache  # the caller's: a fresh one below has no past (packed rows are found without it)
         if use_cache and cache is None:
@@ -603,10 +601,12 @@ class HfAttnModel(HfAttnPreTrainedModel):
         length = inputs_embeds.shape[1]
         device = inputs_embeds.device
 
+        # a 2-D mask with padding in it (one host read, shared by the positions and the mask); while
+        # tracing, any 2-D mask counts as padded
+        padded = (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                  and not (_checking() and bool(attention_mask.all())))
         user_position_ids = position_ids
         if position_ids is None:
-            padded = (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-                      and not (_checking() and bool(attention_mask.all())))
             if padded:
                 # count from each row's first real token, so padding never shifts real positions
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
@@ -629,7 +629,8 @@ class HfAttnModel(HfAttnPreTrainedModel):
             # past + length: a Python int (a tensor for static caches), never read from the ids
             position_embeddings = self.rotary(position_ids, hidden_states.dtype, seq_len=past + length,
                                               own_positions=user_position_ids is None)
-        mask, dense = self._build_mask(attention_mask, inputs_embeds, given_cache, position_ids, user_position_ids, past)
+        mask, dense = self._build_mask(attention_mask, padded, inputs_embeds, given_cache, position_ids,
+                                       user_position_ids, past)
 
         all_hidden = [] if output_hidden_states else None
         all_weights = [] if output_attentions else None
