@@ -15,7 +15,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 # Version of the config format this code writes; a config written by a newer hf_attn may carry
 # fields this code does not know, and loading it raises instead of silently ignoring them.
-HF_ATTN_VERSION = "0.3.0"
+HF_ATTN_VERSION = "0.4.0"
 
 # The single source of truth for the modes; the registry test checks this equals the registry keys.
 ATTENTION_MODES = ("eager", "local", "lowrank", "rope")
@@ -118,6 +118,11 @@ class HfAttnConfig(PretrainedConfig):
         rope_parameters: transformers 5 spelling of the same facts, stored in config.json:
             ``{"rope_type": "default" | "linear" | "dynamic", "rope_theta": float, "factor": float}``.
         is_causal: ``True`` for a decoder (default); ``False`` makes attention bidirectional.
+        loss_chunk_size: Tokens per chunk of the LM loss while gradients are recorded: the logits of
+            ``loss_chunk_size`` tokens are formed at a time and never all (tokens x vocab) at once, so
+            such a forward returns ``loss`` with ``logits=None``. ``0`` turns chunking off (logits are
+            returned, at their full memory cost). Without labels or without gradients the logits are
+            always returned.
         tie_word_embeddings: Share the input embedding with the LM head.
         use_cache: Whether forward returns a cache by default.
         pad_token_id, bos_token_id, eos_token_id: Special token ids (padding rows are pooled past by
@@ -151,6 +156,7 @@ class HfAttnConfig(PretrainedConfig):
         rope_scaling: dict | None = None,
         rope_parameters: dict | None = None,
         is_causal: bool = True,
+        loss_chunk_size: int = 1024,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         pad_token_id: int | None = None,
@@ -194,6 +200,7 @@ class HfAttnConfig(PretrainedConfig):
         params.setdefault("rope_theta", rope_theta)
         self.rope_parameters = params
         self.is_causal = is_causal
+        self.loss_chunk_size = loss_chunk_size
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -259,6 +266,7 @@ class HfAttnConfig(PretrainedConfig):
                      "num_key_value_heads", "intermediate_size", "max_position_embeddings",
                      "sliding_window", "lowrank_dim", "lowrank_chunk_size"):
             _check_int(name, getattr(self, name))
+        _check_int("loss_chunk_size", self.loss_chunk_size, minimum=0)
         if self.hidden_size % self.num_attention_heads:
             _fail("num_attention_heads", self.num_attention_heads,
                   f"a divisor of hidden_size={self.hidden_size}")

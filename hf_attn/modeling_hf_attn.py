@@ -38,6 +38,7 @@ from .attention_registry import FULL_ATTENTION_KERNELS, get_attention_spec
 from .attention_rope import HfAttnRotary, apply_rotary
 from .cache_hf_attn import BoundedTensorCache, HfAttnCache, check_cache, past_length
 from .configuration_hf_attn import HfAttnConfig
+from .fused_ops import chunked_lm_loss, rms_norm, silu_mul_linear
 
 # Bytes of size-only masks one model keeps for reuse (local mode's blocked mask is O(n * w) bytes).
 _MASK_CACHE_BYTES = 64 * 2**20
@@ -60,9 +61,7 @@ class HfAttnRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        out = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
-        return (out * self.weight.float()).to(dtype)
+        return rms_norm(hidden_states, self.weight, self.eps, fused=not _tracing())
 
 
 class HfAttnMLP(nn.Module):
@@ -74,9 +73,13 @@ class HfAttnMLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.is_silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, L, I) each
+        gate_up = self.gate_up_proj(x)  # (B, L, 2I): [gate | up]
+        if self.is_silu:  # down_proj(silu(gate) * up), fused while training (see fused_ops)
+            return silu_mul_linear(gate_up, self.down_proj, fused=not _tracing())
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -675,6 +678,10 @@ def causal_lm_loss(
     return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
 
 
+def _keeps_all(logits_to_keep: int | torch.Tensor) -> bool:
+    return isinstance(logits_to_keep, int) and logits_to_keep == 0
+
+
 def _keep_last(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
     """``logits_to_keep``: 0 keeps every position, n > 0 the last n, a tensor the listed positions."""
     if isinstance(logits_to_keep, int):
@@ -740,6 +747,11 @@ class HfAttnForCausalLM(HfAttnPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (B, L, vocab); with ``labels`` (B, L) also the shifted cross-entropy loss.
 
+        While gradients are recorded, a forward with labels computes the loss ``config.loss_chunk_size``
+        tokens at a time and returns ``logits=None`` (the full logits would dominate training memory at
+        long lengths); ``loss_chunk_size=0`` returns them. Without gradients (evaluation) the logits
+        are always returned.
+
         Loss keywords (from ``Trainer`` and padding-free collators): ``num_items_in_batch``,
         ``shift_labels`` (labels already aligned with the logits: not shifted again) and
         ``ignore_index``. Other keywords go to ``HfAttnModel.forward``.
@@ -762,10 +774,18 @@ class HfAttnForCausalLM(HfAttnPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        logits = self.lm_head(_keep_last(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if wants_loss:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        hidden = outputs.last_hidden_state
+        chunk = self.config.loss_chunk_size
+        if (wants_loss and chunk and torch.is_grad_enabled() and _keeps_all(logits_to_keep) and not _tracing()
+                and self.loss_function is ForCausalLMLoss):  # a loss set by the user gets the logits
+            # training: the loss chunk by chunk, never the (B, L, vocab) logits (config.loss_chunk_size)
+            logits = None
+            loss = chunked_lm_loss(self.lm_head, hidden, labels, chunk, **loss_kwargs)
+        else:
+            logits = self.lm_head(_keep_last(hidden, logits_to_keep))
+            loss = None
+            if wants_loss:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -46,7 +46,7 @@ def build_our_model(mode: str, spec: BenchSpec) -> nn.Module:
 
 def small_config(mode: str, small: SmallSpec, **overrides):
     """``HfAttnConfig`` of mode ``mode`` at the baby-GPT size of the ``small`` section: SwiGLU of width
-    ``small.intermediate_size`` (as many MLP weights as a 4x GELU MLP), tied embeddings, positions up
+    ``small.intermediate_size`` (at least as many MLP weights as a 4x GELU MLP), tied embeddings, positions up
     to ``block_size``, no dropout; every other field (window, rank, chunk) at the config's default;
     ``overrides`` replace any of these."""
     from hf_attn import HfAttnConfig

@@ -483,17 +483,18 @@ def small_builders(small: SmallSpec) -> dict[str, tuple[Callable[[], nn.Module],
     ref = RefGPTConfig(vocab_size=small.vocab_size, block_size=small.block_size, num_layers=small.num_layers,
                        num_heads=small.num_heads, hidden_size=small.hidden_size)
     c, i = small.hidden_size, small.intermediate_size
-    mlp = (f"SwiGLU I={i}: 3*C*I = {3 * c * i:,} MLP weights/layer vs the reference's 4x GELU "
-           f"2*C*4C = {8 * c * c:,}")
+    mlp = (f"SwiGLU I={i} (a multiple of 8): 3*C*I = {3 * c * i:,} MLP weights/layer vs the reference's "
+           f"4x GELU 2*C*4C = {8 * c * c:,}")
     return {
         SMALL_REFERENCE: (lambda: RefGPT(ref),
                           "minimal GPT (reference_gpt): LayerNorm, fused qkv, sdpa is_causal, 4x GELU MLP, "
                           "learned positions, tied embeddings"),
         OURS_PREFIX + "eager": (lambda: build_small_model("eager", small), f"{mlp}; learned positions"),
-        OURS_PREFIX + "eager_aligned": (
-            lambda: build_small_model("eager", small, intermediate_size=small.aligned_intermediate_size),
-            f"eager with SwiGLU I={small.aligned_intermediate_size} (I rounded up to a multiple of 8: "
-            f"{3 * c * small.aligned_intermediate_size:,} MLP weights/layer), to show what the odd width costs"),
+        OURS_PREFIX + "eager_parity": (
+            lambda: build_small_model("eager", small, intermediate_size=small.parity_intermediate_size),
+            f"eager with SwiGLU I={small.parity_intermediate_size} (3*C*I = "
+            f"{3 * c * small.parity_intermediate_size:,}: the reference's MLP weights exactly, an odd width), "
+            "to show what the odd width costs"),
         OURS_PREFIX + "rope": (lambda: build_small_model("rope", small), f"{mlp}; rotary (no position table)"),
         OURS_PREFIX + "local": (lambda: build_small_model("local", small, sliding_window=small.window),
                                 f"{mlp}; sliding_window={small.window} < n={small.block_size}"),

@@ -1,0 +1,246 @@
+"""Training-time fusions of the model's small ops: RMSNorm, the SwiGLU gate and the LM loss.
+
+Each one computes exactly what the plain PyTorch expression computes (tests compare values and
+gradients); it only records fewer autograd nodes and keeps fewer tensors for the backward:
+
+- ``rms_norm``: one node instead of the ~10 that ``F.rms_norm`` records on the CPU (torch has no CPU
+  backward kernel for it); keeps the input and the (rows, 1) inverse RMS.
+- ``silu_mul``: ``silu(gate) * up`` from the fused ``gate_up`` tensor; keeps only that tensor (the
+  plain form also keeps ``silu(gate)``) and writes both gradient halves into one buffer (no ``cat``).
+  ``silu_mul_linear`` also applies a plain ``down_proj`` and recomputes the product in the backward,
+  so the (tokens x I) product is not kept either; the backward works on 2048-row slices.
+- ``chunked_lm_loss``: next-token cross-entropy of ``head(hidden)`` computed ``chunk`` rows at a time,
+  so the (tokens x vocab) logits are never held: for a plain ``nn.Linear`` head the gradient of each
+  chunk is formed as it is computed; any other head (hooks, adapters, offload wrappers, autocast) is
+  called as a module under activation checkpointing, so it sees every call.
+
+The plain forms run whenever no gradient is recorded and while ``torch.compile``/``torch.export``
+trace the model (the compiler fuses them there itself).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; x and w of one floating dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)  # rstd (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).reshape(-1, x.shape[-1]).sum(0)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad * weight
+            # d/dx of x * r(x): r * (g - x_hat * mean(g * x_hat))
+            grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * rstd
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool) -> torch.Tensor:
+    """RMSNorm of ``x`` scaled by ``weight``, computed in float32 (float64 for float64 input) and returned
+    in ``x``'s dtype."""
+    dtype = x.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    x32, w32 = x.to(acc), weight.to(acc)
+    if fused and torch.is_grad_enabled() and (x32.requires_grad or w32.requires_grad):
+        out = _RMSNorm.apply(x32, w32, eps)
+    else:
+        out = F.rms_norm(x32, (x.shape[-1],), w32, eps)
+    return out.to(dtype)
+
+
+_ROWS = 2048  # rows per slice of the SwiGLU backward: bounds its temporaries to (rows, I)
+
+
+def _silu_mul_grad(gate_up: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write d(silu(gate) * up)/d[gate | up] for ``grad`` into ``out`` (both (rows, 2I)); return the
+    product ``silu(gate) * up``, which the callers that need it would otherwise recompute."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    grad_gate, grad_up = out.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    torch.mul(grad, silu, out=grad_up)
+    deriv = sig.neg().add_(1).mul_(silu).add_(sig)  # silu'(g) = sig + silu * (1 - sig)
+    torch.mul(deriv.mul_(grad), up, out=grad_gate)
+    return silu.mul_(up)
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up, where ``gate_up = [gate | up]`` along the last dim."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        rows_in, rows_grad = gate_up.reshape(-1, gate_up.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_gate_up = torch.empty_like(rows_in)
+        for s in range(0, rows_in.shape[0], _ROWS):
+            _silu_mul_grad(rows_in[s:s + _ROWS], rows_grad[s:s + _ROWS], grad_gate_up[s:s + _ROWS])
+        return grad_gate_up.view_as(gate_up)
+
+
+class _SiluMulLinear(torch.autograd.Function):
+    """(silu(gate) * up) @ weight.T: the product is recomputed in the backward, slice by slice,
+    so neither it nor its gradient is ever held for all rows."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up, weight)
+        return F.linear(F.silu(gate) * up, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, weight = ctx.saved_tensors
+        rows_in, rows_grad = gate_up.reshape(-1, gate_up.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_gate_up = torch.empty_like(rows_in) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for s in range(0, rows_in.shape[0], _ROWS):
+            g = rows_grad[s:s + _ROWS]
+            if grad_gate_up is not None:
+                product = _silu_mul_grad(rows_in[s:s + _ROWS], g @ weight, grad_gate_up[s:s + _ROWS])
+            else:
+                gate, up = rows_in[s:s + _ROWS].chunk(2, dim=-1)
+                product = F.silu(gate) * up
+            if grad_weight is not None:
+                grad_weight.addmm_(g.t(), product)
+        return (grad_gate_up.view_as(gate_up) if grad_gate_up is not None else None), grad_weight
+
+
+def silu_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The SwiGLU product ``silu(gate) * up`` of a ``[gate | up]`` tensor."""
+    if fused and torch.is_grad_enabled() and gate_up.requires_grad:
+        return _SiluMul.apply(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul_linear(gate_up: torch.Tensor, down: nn.Module, fused: bool) -> torch.Tensor:
+    """``down(silu(gate) * up)``. While gradients are recorded and ``down`` is a plain ``nn.Linear``
+    (no bias, hooks or adapter), one function that keeps only ``gate_up`` for the backward; otherwise
+    ``down`` is called as a module."""
+    if (fused and torch.is_grad_enabled() and _plain_linear(down) and gate_up.dtype == down.weight.dtype
+            and not torch.is_autocast_enabled(gate_up.device.type)
+            and (gate_up.requires_grad or down.weight.requires_grad)):
+        return _SiluMulLinear.apply(gate_up, down.weight)
+    return down(silu_mul(gate_up, fused))
+
+
+def _next_token_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Targets aligned with the logits: ``labels`` shifted left by one (the last position ignored),
+    or ``shift_labels`` as given (already aligned), as transformers' ``ForCausalLMLoss`` does."""
+    if shift_labels is not None:
+        return shift_labels
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(hidden @ weight.T, targets) / denominator, ``chunk`` rows at a
+    time; the gradients are formed in the forward, chunk by chunk, and scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, ignore_index, denominator):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for a float64 model
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+        total = hidden.new_zeros((), dtype=acc)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            logits = (h @ weight.t()).to(acc)  # (rows, vocab): the only one alive
+            valid = t != ignore_index
+            safe = t.masked_fill(~valid, 0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d loss / d logits = softmax - one_hot(target) on valid rows, 0 elsewhere
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()
+            probs.scatter_add_(1, safe, -valid.unsqueeze(1).to(probs.dtype))
+            probs.mul_(valid.unsqueeze(1))
+            dlogits = probs.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(dlogits, weight, out=grad_hidden[start:start + chunk])
+            if grad_weight is not None:
+                grad_weight.addmm_(dlogits.t().to(acc), h.to(acc))
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight, denominator)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, denominator = ctx.saved_tensors
+        scale = grad_loss / denominator
+        gh = (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None, None
+
+
+def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+
+
+def _plain_linear(head: nn.Module) -> bool:
+    """A head whose call is exactly ``x @ weight.T``: nothing else would see or change the call."""
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        and head.weight.device.type != "meta"
+    )
+
+
+def chunked_lm_loss(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor | None,
+    chunk: int,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` of ``head(hidden)`` without holding (tokens x vocab) logits.
+
+    ``hidden`` (B, L, C); ``labels`` (B, L) are shifted here, ``shift_labels`` (B, L) are used as
+    given. The mean is over targets != ``ignore_index``, or the sum divided by ``num_items_in_batch``
+    when given (gradient accumulation). Equal to the unchunked loss and gradients up to float rounding.
+    """
+    targets = _next_token_targets(labels, shift_labels, ignore_index).reshape(-1).to(hidden.device)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if num_items_in_batch is None:
+        denominator = (targets != ignore_index).sum()
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    denominator = denominator.to(torch.promote_types(hidden.dtype, torch.float32))
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    if _plain_linear(head) and not autocast and rows.dtype == head.weight.dtype:
+        return _LinearCrossEntropy.apply(rows, head.weight, targets, chunk, ignore_index, denominator)
+    total = rows.new_zeros((), dtype=denominator.dtype)
+    for start in range(0, rows.shape[0], chunk):
+        total = total + checkpoint(
+            _chunk_loss_sum, head, rows[start:start + chunk], targets[start:start + chunk], ignore_index,
+            use_reentrant=False,
+        )
+    return total / denominator

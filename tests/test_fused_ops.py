@@ -1,0 +1,198 @@
+"""hf_attn/fused_ops.py: the fused RMSNorm, SwiGLU gate and chunked LM loss equal the plain PyTorch
+expressions in value and gradient, keep fewer tensors, and the model uses them as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODE_IDS, MODE_VARIANTS, tiny_config
+
+from hf_attn import HfAttnForCausalLM
+from hf_attn.fused_ops import chunked_lm_loss, rms_norm, silu_mul
+
+
+def _saved_shapes(fn) -> list[tuple[int, ...]]:
+    """Shapes of every tensor autograd saves while ``fn`` runs."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rms_norm_matches_plain(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    w = (torch.randn(16) * 0.5 + 1).to(dtype).requires_grad_()
+    g = torch.randn(3, 5, 16, dtype=dtype)
+    acc = torch.promote_types(dtype, torch.float32)
+    ref = (F.rms_norm(x.to(acc), (16,), eps=1e-5) * w.to(acc)).to(dtype)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (x, w), g)
+    out = rms_norm(x, w, 1e-5, fused=True)
+    dx, dw = torch.autograd.grad(out, (x, w), g)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx, ref_dx, rtol=tol, atol=tol)
+    torch.testing.assert_close(dw, ref_dw, rtol=tol, atol=tol * 10)
+
+
+def test_rms_norm_records_one_node_and_keeps_input_and_rstd():
+    x = torch.randn(4, 8, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    out = rms_norm(x, w, 1e-6, fused=True)
+    assert type(out.grad_fn).__name__ == "_RMSNormBackward"
+    shapes = _saved_shapes(lambda: rms_norm(x, w, 1e-6, fused=True))
+    assert sorted(shapes) == sorted([(4, 8, 16), (16,), (4, 8, 1)])
+    # only the weight trains (frozen input): its gradient alone, the input's is not formed
+    (dw,) = torch.autograd.grad(rms_norm(x.detach(), w, 1e-6, fused=True).sum(), (w,))
+    torch.testing.assert_close(dw, F.rms_norm(x.detach(), (16,), eps=1e-6).sum((0, 1)))
+
+
+def test_silu_mul_matches_plain_and_keeps_only_gate_up():
+    torch.manual_seed(0)
+    gu = torch.randn(2, 7, 2 * 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, 12, dtype=torch.float64)
+    gate, up = gu.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    (ref_grad,) = torch.autograd.grad(ref, (gu,), g)
+    out = silu_mul(gu, fused=True)
+    (grad,) = torch.autograd.grad(out, (gu,), g)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-13, atol=1e-13)
+    assert _saved_shapes(lambda: silu_mul(gu, fused=True)) == [(2, 7, 24)]
+    # inference or plain: the same values without the autograd function
+    with torch.no_grad():
+        torch.testing.assert_close(silu_mul(gu, fused=True), ref.detach())
+
+
+def _loss_and_grads(model, ids, labels, chunk, **kwargs):
+    model.zero_grad(set_to_none=True)
+    model.config.loss_chunk_size = chunk
+    out = model(input_ids=ids, labels=labels, use_cache=False, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode,positions", MODE_VARIANTS, ids=MODE_IDS)
+def test_chunked_loss_equals_full_logits_loss(mode, positions):
+    """float64: the chunked loss and every parameter gradient equal cross-entropy over the full logits
+    (7-token chunks do not divide the 3 x 21 tokens; ignored labels included)."""
+    torch.manual_seed(0)
+    model = HfAttnForCausalLM(tiny_config(mode, positions)).double()
+    ids = torch.randint(1, 97, (3, 21))
+    labels = ids.clone()
+    labels[0, :6] = -100
+    out, grads = _loss_and_grads(model, ids, labels, chunk=7)
+    assert out.logits is None
+    model.zero_grad(set_to_none=True)
+    model.config.loss_chunk_size = 0
+    logits = model(input_ids=ids, use_cache=False).logits
+    assert logits.shape == (3, 21, 97)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-13, atol=1e-13)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-13, msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_items_in_batch": 37}, {"shift_labels": "random"}, {"ignore_index": 5}],
+    ids=["num_items_in_batch", "shift_labels", "ignore_index"],
+)
+def test_chunked_loss_honours_loss_keywords(kwargs):
+    """Every loss keyword the unchunked (transformers ForCausalLMLoss) path takes gives the same loss
+    and gradients chunked, in float32."""
+    torch.manual_seed(1)
+    model = HfAttnForCausalLM(tiny_config("rope"))
+    ids = torch.randint(1, 97, (2, 19))
+    if kwargs.get("shift_labels") == "random":
+        kwargs = {"shift_labels": torch.randint(0, 97, (2, 19))}
+        labels = None
+    else:
+        labels = ids.clone()
+        labels[:, ::4] = kwargs.get("ignore_index", -100)
+    a, ga = _loss_and_grads(model, ids, labels, 5, **kwargs)
+    b, gb = _loss_and_grads(model, ids, labels, 0, **kwargs)
+    assert a.logits is None and b.logits is not None
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
+    for name in gb:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_never_keeps_full_logits():
+    """What autograd saves for the backward contains no (tokens x vocab) tensor when chunked, and
+    does when chunking is off."""
+    model = HfAttnForCausalLM(tiny_config("local", vocab_size=4099))
+    ids = torch.randint(1, 97, (2, 40))
+
+    def forward(chunk):
+        model.config.loss_chunk_size = chunk
+        return lambda: model(input_ids=ids, labels=ids, use_cache=False)
+
+    def holds_logits(shapes):
+        return any(len(s) >= 1 and s[-1] == 4099 and torch.Size(s).numel() >= 80 * 4099 for s in shapes)
+
+    assert holds_logits(_saved_shapes(forward(0)))
+    assert not holds_logits(_saved_shapes(forward(16)))
+
+
+def test_hooked_head_is_called_and_gives_the_same_gradients():
+    """A head with a forward hook (or an adapter) is called as a module for every chunk (under
+    activation checkpointing: once in the forward, once again in the backward), never bypassed."""
+    torch.manual_seed(2)
+    model = HfAttnForCausalLM(tiny_config("eager"))
+    ids = torch.randint(1, 97, (2, 12))
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    a, ga = _loss_and_grads(model, ids, ids, 10)
+    assert sum(calls) == 2 * 24 and max(calls) == 10
+    b, gb = _loss_and_grads(model, ids, ids, 0)
+    torch.testing.assert_close(a.loss, b.loss)
+    for name in gb:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_logits_returned_without_gradients_or_with_custom_loss():
+    model = HfAttnForCausalLM(tiny_config("eager"))
+    ids = torch.randint(1, 97, (2, 12))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+    assert out.logits.shape == (2, 12, 97) and out.loss is not None
+    seen = []
+
+    def my_loss(logits, labels, vocab_size, **kwargs):
+        seen.append(logits.shape)
+        return logits.float().logsumexp(-1).mean()
+
+    model.loss_function = my_loss
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    assert seen == [(2, 12, 97)] and out.logits is not None
+    torch.testing.assert_close(out.loss, out.logits.logsumexp(-1).mean())
+
+
+def test_chunked_lm_loss_function_direct():
+    """The function on its own, with a plain head: mean over valid targets, as F.cross_entropy."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(8, 11, bias=False).double()
+    hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 9))
+    loss = chunked_lm_loss(head, hidden, labels, chunk=4)
+    ref = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    g1 = torch.autograd.grad(loss, (hidden, head.weight))
+    g2 = torch.autograd.grad(ref, (hidden, head.weight))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "8"])
+def test_loss_chunk_size_is_validated(value):
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        tiny_config(loss_chunk_size=value)
