@@ -4,7 +4,8 @@ Each one computes exactly what the plain PyTorch expression computes (tests comp
 gradients); it only records fewer autograd nodes and keeps fewer tensors for the backward:
 
 - ``rms_norm``: one node instead of the ~10 that ``F.rms_norm`` records on the CPU (torch has no CPU
-  backward kernel for it); keeps the input and the (rows, 1) inverse RMS.
+  backward kernel for it); keeps the input and the (rows, 1) inverse RMS, and reduces with
+  ``vector_norm`` / ``vecdot`` (one pass each).
 - ``silu_mul``: ``silu(gate) * up`` from the fused ``gate_up`` tensor; keeps only that tensor (the
   plain form also keeps ``silu(gate)``) and writes both gradient halves into one buffer (no ``cat``).
   ``silu_mul_linear`` also applies a plain ``down_proj`` and recomputes the product in the backward,
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _hooks
 from torch.utils.checkpoint import checkpoint
 
 
@@ -31,9 +33,11 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)  # rstd (..., 1)
+        # mean(x^2) from one fused reduction: (|x| / sqrt(C))^2
+        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).div_(x.shape[-1] ** 0.5)
+        rstd = rstd.square_().add_(eps).rsqrt_()  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        return out
+        return torch.mul(x, rstd).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -46,36 +50,40 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_normed = grad * weight
             # d/dx of x * r(x): r * (g - x_hat * mean(g * x_hat))
-            grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * rstd
+            mean = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(x.shape[-1])
+            grad_x = normed.mul_(mean).neg_().add_(grad_normed).mul_(rstd)
         return grad_x, grad_weight, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool) -> torch.Tensor:
-    """RMSNorm of ``x`` scaled by ``weight``, computed in float32 (float64 for float64 input) and returned
-    in ``x``'s dtype."""
+    """RMSNorm of ``x`` scaled by ``weight``, computed in float32 (float64 for float64 input) and
+    returned in ``x``'s dtype."""
     dtype = x.dtype
-    acc = torch.promote_types(dtype, torch.float32)
-    x32, w32 = x.to(acc), weight.to(acc)
+    if dtype is torch.float32 and weight.dtype is torch.float32:  # the common case: no casts
+        x32, w32 = x, weight
+    else:
+        acc = torch.promote_types(dtype, torch.float32)
+        x32, w32 = x.to(acc), weight.to(acc)
     if fused and torch.is_grad_enabled() and (x32.requires_grad or w32.requires_grad):
         out = _RMSNorm.apply(x32, w32, eps)
     else:
         out = F.rms_norm(x32, (x.shape[-1],), w32, eps)
-    return out.to(dtype)
+    return out if out.dtype is dtype else out.to(dtype)
 
 
 _ROWS = 2048  # rows per slice of the SwiGLU backward: bounds its temporaries to (rows, I)
 
 
-def _silu_mul_grad(gate_up: torch.Tensor, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _silu_mul_grad(gate_up: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, grad_is_scratch: bool = False) -> torch.Tensor:
     """Write d(silu(gate) * up)/d[gate | up] for ``grad`` into ``out`` (both (rows, 2I)); return the
-    product ``silu(gate) * up``, which the callers that need it would otherwise recompute."""
+    product ``silu(gate) * up`` (the ``down_proj`` weight gradient needs it). ``grad_is_scratch``:
+    ``grad`` is a temporary of the caller and may be overwritten."""
     gate, up = gate_up.chunk(2, dim=-1)
     grad_gate, grad_up = out.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
+    silu = F.silu(gate)
     torch.mul(grad, silu, out=grad_up)
-    deriv = sig.neg().add_(1).mul_(silu).add_(sig)  # silu'(g) = sig + silu * (1 - sig)
-    torch.mul(deriv.mul_(grad), up, out=grad_gate)
+    grad_silu = grad.mul_(up) if grad_is_scratch else grad * up
+    torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=grad_gate)  # one fused kernel
     return silu.mul_(up)
 
 
@@ -117,7 +125,7 @@ class _SiluMulLinear(torch.autograd.Function):
         for s in range(0, rows_in.shape[0], _ROWS):
             g = rows_grad[s:s + _ROWS]
             if grad_gate_up is not None:
-                product = _silu_mul_grad(rows_in[s:s + _ROWS], g @ weight, grad_gate_up[s:s + _ROWS])
+                product = _silu_mul_grad(rows_in[s:s + _ROWS], g @ weight, grad_gate_up[s:s + _ROWS], True)
             else:
                 gate, up = rows_in[s:s + _ROWS].chunk(2, dim=-1)
                 product = F.silu(gate) * up
@@ -138,7 +146,7 @@ def silu_mul_linear(gate_up: torch.Tensor, down: nn.Module, fused: bool) -> torc
     """``down(silu(gate) * up)``. While gradients are recorded and ``down`` is a plain ``nn.Linear``
     (no bias, hooks or adapter), one function that keeps only ``gate_up`` for the backward; otherwise
     ``down`` is called as a module."""
-    if (fused and torch.is_grad_enabled() and _plain_linear(down) and gate_up.dtype == down.weight.dtype
+    if (fused and torch.is_grad_enabled() and plain_linear(down) and gate_up.dtype == down.weight.dtype
             and not torch.is_autocast_enabled(gate_up.device.type)
             and (gate_up.requires_grad or down.weight.requires_grad)):
         return _SiluMulLinear.apply(gate_up, down.weight)
@@ -201,14 +209,20 @@ def _chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
 
 
-def _plain_linear(head: nn.Module) -> bool:
-    """A head whose call is exactly ``x @ weight.T``: nothing else would see or change the call."""
+def plain_linear(module: nn.Module) -> bool:
+    """Whether calling ``module`` is exactly ``x @ weight.T``: a bias-free ``nn.Linear`` (not a
+    subclass: no adapter, quantisation or parametrisation) with no hooks of its own or global ones, no
+    replaced ``forward`` (accelerate's offload hooks) and real weights. Only then may a fused path
+    use its weight without calling it; anything else is called as a module."""
+    d = module.__dict__
     return (
-        type(head) is nn.Linear
-        and head.bias is None
-        and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        and head.weight.device.type != "meta"
+        type(module) is nn.Linear
+        and d["_parameters"].get("bias") is None
+        and not (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"])
+        and "forward" not in d and "_hf_hook" not in d
+        and not (_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks or _hooks._global_backward_hooks
+                 or _hooks._global_backward_pre_hooks)
+        and d["_parameters"]["weight"].device.type != "meta"
     )
 
 
@@ -235,7 +249,7 @@ def chunked_lm_loss(
         denominator = torch.as_tensor(num_items_in_batch, device=hidden.device)
     denominator = denominator.to(torch.promote_types(hidden.dtype, torch.float32))
     autocast = torch.is_autocast_enabled(hidden.device.type)
-    if _plain_linear(head) and not autocast and rows.dtype == head.weight.dtype:
+    if plain_linear(head) and not autocast and rows.dtype == head.weight.dtype:
         return _LinearCrossEntropy.apply(rows, head.weight, targets, chunk, ignore_index, denominator)
     total = rows.new_zeros((), dtype=denominator.dtype)
     for start in range(0, rows.shape[0], chunk):

@@ -38,7 +38,7 @@ from .attention_registry import FULL_ATTENTION_KERNELS, get_attention_spec
 from .attention_rope import HfAttnRotary, apply_rotary
 from .cache_hf_attn import BoundedTensorCache, HfAttnCache, check_cache, past_length
 from .configuration_hf_attn import HfAttnConfig
-from .fused_ops import chunked_lm_loss, rms_norm, silu_mul_linear
+from .fused_ops import chunked_lm_loss, plain_linear, rms_norm, silu_mul_linear
 
 # Bytes of size-only masks one model keeps for reuse (local mode's blocked mask is O(n * w) bytes).
 _MASK_CACHE_BYTES = 64 * 2**20
@@ -117,6 +117,16 @@ class HfAttnAttention(nn.Module):
             return ALL_ATTENTION_FUNCTIONS.get_interface(impl, FULL_ATTENTION_KERNELS["sdpa"]), impl
         return self.spec.kernel, "eager" if impl == "eager" else "sdpa"
 
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections (B, L, H*D), (B, L, Hkv*D) x 2. When all three are plain bias-free
+        ``nn.Linear`` modules (no hooks, adapters or offload: ``plain_linear``), one matmul with their
+        weights stacked; otherwise each module is called, so hooks and adapters see every call."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if all(plain_linear(p) for p in projections) and not _tracing():
+            weight = torch.cat([p.weight for p in projections])
+            return F.linear(hidden_states, weight).split([p.out_features for p in projections], dim=-1)
+        return tuple(p(hidden_states) for p in projections)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -131,9 +141,10 @@ class HfAttnAttention(nn.Module):
         """``attention_kwargs``: what transformers passes on to attention functions (e.g. flash
         attention's ``cu_seq_lens_q``); the model only lets them through for the full modes."""
         b, length, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        key = self.k_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        value = self.v_proj(hidden_states).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        query, key, value = self._project(hidden_states)
+        query = query.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        key = key.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        value = value.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if position_embeddings is not None:
             query, key = apply_rotary(query, key, *position_embeddings)
 
@@ -160,6 +171,10 @@ class HfAttnAttention(nn.Module):
             **attention_kwargs,
         )  # out (B, L, H, D)
         return self.o_proj(out.reshape(b, length, -1)), weights
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class HfAttnDecoderLayer(GradientCheckpointingLayer):
@@ -193,8 +208,9 @@ class HfAttnDecoderLayer(GradientCheckpointingLayer):
             output_attentions,
             **attention_kwargs,
         )
-        hidden_states = hidden_states + self.dropout(attn_out)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        dropout = self.dropout if self.dropout.p and self.training else _identity  # p = 0: no call
+        hidden_states = hidden_states + dropout(attn_out)
+        hidden_states = hidden_states + dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
         return hidden_states, weights
 
 
@@ -626,7 +642,8 @@ class HfAttnModel(HfAttnPreTrainedModel):
         hidden_states = inputs_embeds
         if self.embed_positions is not None:
             hidden_states = hidden_states + self.embed_positions(position_ids)
-        hidden_states = self.dropout(hidden_states)
+        if self.dropout.p and self.training:
+            hidden_states = self.dropout(hidden_states)
         position_embeddings = None
         if self.rotary is not None:
             # past + length: a Python int (a tensor for static caches), never read from the ids

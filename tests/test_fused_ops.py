@@ -196,3 +196,47 @@ def test_chunked_lm_loss_function_direct():
 def test_loss_chunk_size_is_validated(value):
     with pytest.raises(ValueError, match="loss_chunk_size"):
         tiny_config(loss_chunk_size=value)
+
+
+def test_plain_linear_only_for_bare_bias_free_linears():
+    from hf_attn.fused_ops import plain_linear
+
+    assert plain_linear(torch.nn.Linear(4, 3, bias=False))
+    assert not plain_linear(torch.nn.Linear(4, 3, bias=True))
+    hooked = torch.nn.Linear(4, 3, bias=False)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    assert not plain_linear(hooked)
+    backward_hooked = torch.nn.Linear(4, 3, bias=False)
+    backward_hooked.register_full_backward_hook(lambda module, gi, go: None)
+    assert not plain_linear(backward_hooked)
+    patched = torch.nn.Linear(4, 3, bias=False)
+    patched.forward = lambda x: x  # what accelerate's offload hooks do
+    assert not plain_linear(patched)
+
+    class Sub(torch.nn.Linear):
+        pass
+
+    assert not plain_linear(Sub(4, 3, bias=False))
+    assert not plain_linear(torch.nn.Linear(4, 3, bias=False, device="meta"))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert not plain_linear(torch.nn.Linear(4, 3, bias=False))
+    finally:
+        handle.remove()
+
+
+def test_stacked_qkv_projection_equals_module_calls_and_hooks_still_fire():
+    """The stacked q/k/v matmul gives the three modules' outputs and gradients; a hook on one of
+    them switches that layer back to calling the modules, so the hook sees every call."""
+    torch.manual_seed(4)
+    model = HfAttnForCausalLM(tiny_config("rope")).double()
+    ids = torch.randint(1, 97, (2, 9))
+    stacked, g_stacked = _loss_and_grads(model, ids, ids, 0)
+    seen = []
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    called, g_called = _loss_and_grads(model, ids, ids, 0)
+    assert seen == [(2, 9, 16)] * 2  # k_proj of both layers, once each
+    torch.testing.assert_close(stacked.logits, called.logits, rtol=1e-12, atol=1e-12)
+    for name in g_called:
+        torch.testing.assert_close(g_stacked[name], g_called[name], rtol=1e-10, atol=1e-12, msg=name)
