@@ -24,7 +24,8 @@ PRIMARY_PAIRS: dict[str, list[tuple[str, str]]] = {
                ("ours_local", "sdpa_causal"),
                ("ours_local", "mistral_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
     "model": [("ours_eager", "gpt2_sdpa"), ("ours_rope", "llama_sdpa"), ("ours_local", "mistral_sdpa"),
-              ("ours_lowrank", "llama_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
+              ("ours_lowrank", "llama_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa"),
+              ("ours_local", "ours_local_full_logits"), ("ours_lowrank", "ours_lowrank_full_logits")],
     "generation": [("ours_eager", "gpt2_sdpa"), ("ours_rope", "llama_sdpa"), ("ours_local", "mistral_sdpa"),
                    ("ours_lowrank", "llama_sdpa"), ("mistral_hf_attn_local", "mistral_sdpa")],
     "train": [("ours_eager", "llama_sdpa"), ("ours_rope", "llama_sdpa"), ("ours_local", "mistral_sdpa"),
@@ -172,6 +173,14 @@ def evaluate_targets(rows: list[dict], window: int, rank: int) -> list[TargetRes
                 _quotient(rows, "model", "mistral_sdpa", "mistral_hf_attn_local", 16384, mt), lambda v: v >= 5),
         _target("local_kv_cache_constant", "local generation: cache bytes constant once the window is full "
                 "(max/min = 1.0)", _cache_constancy(rows, "ours_local", window), lambda v: v == 1.0),
+        _target("local_model_memory_chunked_loss", "local, n=16384: whole-model fwd+bwd peak memory >= 2x below "
+                "the same model with the loss over full logits (loss_chunk_size=0)",
+                _quotient(rows, "model", "ours_local_full_logits", "ours_local", 16384, "peak_mem_bytes"),
+                lambda v: v >= 2),
+        _target("lowrank_model_memory_chunked_loss", "lowrank, n=16384: whole-model fwd+bwd peak memory >= 2x "
+                "below the same model with the loss over full logits (loss_chunk_size=0)",
+                _quotient(rows, "model", "ours_lowrank_full_logits", "ours_lowrank", 16384, "peak_mem_bytes"),
+                lambda v: v >= 2),
         _target("small_eager_step", "baby GPT (small section): eager training step time / reference GPT <= 1.05",
                 _quotient(rows, "small", "ours_eager", SMALL_REFERENCE, None, mt), lambda v: v <= 1.05),
         _target("small_rope_step", "baby GPT: rope training step time / reference GPT <= 1.05",

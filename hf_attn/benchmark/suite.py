@@ -69,8 +69,10 @@ SECTIONS = ("attention", "kernel", "scaling", "model", "generation", "train", "s
 # what a run measures when --sections is not given: ``small`` asks a different question (overhead at a
 # tiny size, on one thread) and ``compile`` spends minutes compiling graphs; both run only on request
 DEFAULT_SECTIONS = SECTIONS[:-2]
-# the four attention modes, plus lowrank with the softmax feature map (ours.MODE_VARIANTS)
-ATTENTION_MODES = ("eager", "local", "lowrank", "rope", "lowrank_softmax")
+# the four attention modes, plus lowrank with the softmax feature map, and local / lowrank with the loss
+# over full logits (ours.MODE_VARIANTS; the last two only where named: they differ only in the LM loss)
+ATTENTION_MODES = ("eager", "local", "lowrank", "rope", "lowrank_softmax", "local_full_logits", "lowrank_full_logits")
+DEFAULT_MODES = ATTENTION_MODES[:5]
 OURS_PREFIX = "ours_"
 # References that form the (B, H, n, n) scores in every layer: their memory is estimated before running.
 MATERIALISE_SCORES = {"gpt2_eager", "mistral_eager"}
@@ -89,7 +91,7 @@ class RunOptions:
     """What one benchmark run measures (the CLI flags map onto these fields)."""
 
     seq_lens: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
-    modes: tuple[str, ...] = ATTENTION_MODES
+    modes: tuple[str, ...] = DEFAULT_MODES
     reference_models: tuple[str, ...] = tuple(REFERENCE_MODELS)
     reference_layers: tuple[str, ...] = REFERENCE_LAYERS
     sections: tuple[str, ...] = DEFAULT_SECTIONS
@@ -296,7 +298,7 @@ def _layer_step_maker(opts: RunOptions, spec: BenchSpec) -> Callable[[nn.Module,
     return make_step
 
 
-LINEAR_MODES = ("local", "lowrank", "lowrank_softmax")
+LINEAR_MODES = ("local", "lowrank", "lowrank_softmax", "local_full_logits", "lowrank_full_logits")
 
 
 def bench_scaling(opts: RunOptions, spec: BenchSpec, log: Log = print) -> list[dict]:
