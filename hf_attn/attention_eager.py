@@ -85,7 +85,9 @@ def eager_attention_forward(
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:  # transformers' additive float mask (0 or the dtype's minimum)
         scores = scores + attention_mask.to(scores.dtype)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # float32 softmax (float64 for float64 scores: their masked minimum would overflow float32 to -inf
+    # and turn fully masked padding rows into NaN)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value)  # (B, H, Lq, D)
     return out.transpose(1, 2).contiguous(), weights

@@ -3,12 +3,15 @@
 Papers: Beltagy et al., "Longformer" (2020); Jiang et al., "Mistral 7B" (2023).
 Math: ``out_i = softmax_j(q_i k_j * scaling) v_j`` over ``i - w < j <= i`` (causal) or
 ``|i - j| < w`` (bidirectional), w = ``config.sliding_window``.
-Three paths, all O(n * w) time and memory, with no n x n score matrix or mask (one exception below):
+Three paths, all O(n * w) time and memory, with no n x n score matrix or mask beyond n = 128 (one
+exception below):
 - banded (CPU, causal, no padding, no cache: pretraining and the benchmark): queries in chunks of
   c = min(w, 64) rows, each chunk running PyTorch's CPU flash kernel over its own overlapping
   window of w + c keys (strided views, one shared (c, w + c) band mask), softmax statistics saved
   so the backward is the kernel's own backward, not a recomputation; the first w queries are one
-  plain causal call.
+  plain causal call, and a sequence of at most two chunks one call with its (n, n) band mask
+  (n <= 128). A call takes several chunks of one batch row, or one chunk (or the whole short
+  sequence) of several batch rows, whichever makes fewer calls.
 - blocked (padding masks, caches, bidirectional, GPU): queries in blocks of w; block b needs key
   blocks b-1 and b (and b+1 when bidirectional), with a (B * n/w, 1, w, span) mask built once per
   forward; the sdpa version recomputes each group of blocks in backward instead of storing it.
@@ -183,6 +186,46 @@ def local_attention_forward(
     return out.contiguous(), weights
 
 
+def local_blocks_to_dense(weights: torch.Tensor, query_length: int, cached: int = 0) -> torch.Tensor:
+    """Blocked local weights (B, H, n_blocks, w, span) -> dense (B, H, Lq, cached + Lq), zeros off the band.
+
+    ``span`` is 2w (causal) or 3w (bidirectional); both lay keys out the same way: query r of block
+    b is query ``b * w + r`` and span offset s is key ``b * w + s - w + cached``. Offsets that fall
+    on the zero keys padded around the sequence, and rows past ``query_length``, are dropped.
+
+    Raises:
+        ValueError: if ``weights`` is not 5-D with span a multiple (2 or 3) of the block size, or the
+            blocks do not cover ``query_length`` queries.
+    """
+    if weights.dim() != 5:
+        raise ValueError(f"weights: expected blocked local weights (B, H, n_blocks, w, span), got {tuple(weights.shape)}")
+    b, h, n_blocks, w, span = weights.shape
+    if span not in (2 * w, 3 * w):
+        raise ValueError(f"weights: span {span} is neither 2w nor 3w for block size w={w}")
+    if not (n_blocks - 1) * w < query_length <= n_blocks * w:
+        raise ValueError(f"query_length={query_length} does not fit {n_blocks} blocks of {w} queries")
+    if not 0 <= cached < w:
+        raise ValueError(f"cached={cached}: expected 0 <= cached < w={w}")
+    key_length = cached + query_length
+    device = weights.device
+    block = torch.arange(n_blocks, device=device)[:, None, None]
+    query = (block * w + torch.arange(w, device=device)[None, :, None]).expand(n_blocks, w, span)
+    key = (block * w + torch.arange(span, device=device)[None, None, :] - w + cached).expand(n_blocks, w, span)
+    valid = (query < query_length) & (key >= 0) & (key < key_length)  # (n_blocks, w, span)
+    dense = weights.new_zeros(b, h, query_length, key_length)
+    dense[:, :, query[valid], key[valid]] = weights[:, :, valid]
+    return dense
+
+
+def local_dense_weights(module: nn.Module, weights: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``config.output_attentions_layout="dense"``: the blocked weights of this call as (B, H, Lq, Lk)
+    over the keys the kernel attended (at most w - 1 cached ones, then the Lq new ones)."""
+    lq = query.shape[2]
+    cached = min(key.shape[2] - lq, module.config.sliding_window - 1)
+    return local_blocks_to_dense(weights, lq, cached)
+
+
 def _dense_local_attention(query, key, value, key_padding_mask, window, scaling, is_causal, implementation):
     """The window as a dense (B or 1, 1, Lq, Lk) mask over full sdpa: O(Lq * Lk), for exported graphs
     whose length is symbolic. Same allowed keys as ``build_local_block_mask`` (a query always sees
@@ -245,6 +288,11 @@ _BAND_GROUP_ROWS = 512
 # The forward keeps no per-call gradients, so it takes bigger calls (fewer kernel launches); its
 # temporary is one call's output, well below the backward's peak.
 _BAND_GROUP_ROWS_FORWARD = 4096
+# A sequence short enough for one head call (see _band_calls) goes in calls of up to this many query
+# rows (batch rows x length), so a small batch is one call each way: the backward then returns the
+# kernel's gradients as they are (no per-call copies) instead of reusing the output's memory; the
+# buffers it keeps apart hold at most this many rows.
+_BAND_WHOLE_ROWS = 4096
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -259,33 +307,72 @@ def _band_bias(chunk: int, window: int, dtype: torch.dtype, device: torch.device
     return torch.zeros(chunk, window + chunk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))[None, None]
 
 
-def _band_calls(length: int, window: int, chunk: int, group_rows: int):
-    """The flash calls covering queries [0, length): (query start, chunks, rows per chunk).
+@lru_cache(maxsize=16)
+def _short_band_bias(length: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, length, length) additive mask of a whole short sequence: query r sees keys s in
+    (r - window, r]."""
+    return _band_bias(length, window, dtype, device)[..., window:].contiguous()
 
-    Queries [0, min(length, window)) see every earlier key: one plain causal call, ``chunks=0``.
-    Later queries go in chunks of ``chunk`` rows; chunk rows [a, a + rows) use keys [a - window, a + rows).
+
+def _call_mask(call: tuple, window: int, chunk: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor | None:
+    """The additive mask of a call of ``_band_calls``; None for plain causal attention."""
+    chunks, rows = call[3:]
+    if chunks:
+        return _band_bias(chunk, window, dtype, device)[:, :, :rows, : window + rows]
+    return _short_band_bias(rows, window, dtype, device) if rows > window else None
+
+
+def _band_calls(batch: int, length: int, window: int, chunk: int, group_rows: int):
+    """The flash calls covering queries [0, length) of every batch row: (first batch row, end batch
+    row, query start, chunks, rows per chunk), in increasing query start for each batch row.
+
+    Queries [0, min(length, window)) see every earlier key: plain causal calls, ``chunks=0``, over
+    slices of batch rows. A sequence of at most two chunks is one such call over all its rows with a
+    (length, length) band mask instead (one kernel call for about the work of the two it replaces;
+    the mask is at most 2 * 64 rows square). Later queries go in chunks of ``chunk`` rows; chunk
+    rows [a, a + rows) use keys [a - window, a + rows). The kernel takes one batch axis, so a call
+    holds either several chunks of one batch row (their windows one strided view) or one chunk of
+    several batch rows (a plain slice); whichever makes fewer calls (a short sequence in a big
+    batch: one call per chunk across the batch, not one per row). Each call holds at most ``group_rows`` query rows (at least
+    one chunk), which bounds the backward's temporaries.
     """
-    head = min(length, window)
-    calls = [(0, 0, head)]
+    head = length if length <= max(window, 2 * chunk) else window
+    # a sequence that is all head: batch rows together up to _BAND_WHOLE_ROWS query rows
+    per_head = max(1, (max(group_rows, _BAND_WHOLE_ROWS) if head == length else group_rows) // head)
+    calls = [(b0, min(b0 + per_head, batch), 0, 0, head) for b0 in range(0, batch, per_head)]
+    full, tail = divmod(length - head, chunk)
     per_group = max(1, group_rows // chunk)
-    start = head
-    while length - start >= chunk:
-        chunks = min(per_group, (length - start) // chunk)
-        calls.append((start, chunks, chunk))
-        start += chunks * chunk
-    if start < length:
-        calls.append((start, 1, length - start))
+    batch_slices = -(-batch // per_group)
+    if (full + (tail > 0)) * batch_slices < batch * (-(-full // per_group) + (tail > 0)):
+        starts = [(head + c * chunk, chunk) for c in range(full)]
+        starts += [(head + full * chunk, tail)] if tail else []
+        for start, rows in starts:
+            calls += [(b0, min(b0 + per_group, batch), start, 1, rows) for b0 in range(0, batch, per_group)]
+        return calls
+    for bi in range(batch):
+        start = head
+        while length - start >= chunk:
+            chunks = min(per_group, (length - start) // chunk)
+            calls.append((bi, bi + 1, start, chunks, chunk))
+            start += chunks * chunk
+        if start < length:
+            calls.append((bi, bi + 1, start, 1, length - start))
     return calls
 
 
-def _band_views(t: torch.Tensor, bi: int, start: int, chunks: int, rows: int, window: int = 0):
-    """Strided views of t (B, L, H, D) for one call, as the kernel takes them (no copies, any strides):
-    query rows (chunks, H, rows, D), or with ``window > 0`` each chunk's overlapping key window
-    (chunks, H, window + rows, D), chunk c seeing rows [start + c * rows - window, start + (c + 1) * rows)."""
-    if chunks == 0:  # the head call: plain causal attention over rows [0, rows)
-        return t[bi: bi + 1, :rows].transpose(1, 2)
+def _band_views(t: torch.Tensor, call: tuple, window: int = 0):
+    """Strided views of t (B, L, H, D) for one call of ``_band_calls``, as the kernel takes them (no
+    copies, any strides): query rows (N, H, rows, D), or with ``window > 0`` each chunk's overlapping
+    key window (N, H, window + rows, D), chunk c seeing rows
+    [start + c * rows - window, start + (c + 1) * rows); N is the call's batch rows times its chunks."""
+    b0, b1, start, chunks, rows = call
+    if chunks == 0:  # the head call: rows [0, rows), which see keys [0, rows)
+        return t[b0:b1, :rows].transpose(1, 2)
+    if chunks == 1:  # one chunk of batch rows b0 .. b1 - 1
+        return t[b0:b1, start - window: start + rows].transpose(1, 2)
     s_l, s_h, s_d = t.stride(1), t.stride(2), t.stride(3)
-    first = t[bi, start - window:]
+    first = t[b0, start - window:]  # several chunks of one batch row
     return first.as_strided((chunks, t.shape[2], window + rows, t.shape[3]), (rows * s_l, s_h, s_l, s_d))
 
 
@@ -304,19 +391,21 @@ class _BandedLocalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, window, scaling, scratch):
         b, length, h, _ = q.shape
         chunk = min(window, _BAND_CHUNK_FORWARD)
-        bias = _band_bias(chunk, window, q.dtype, q.device)
-        out = q.new_empty(q.shape)  # (B, L, H, D) contiguous, whatever the strides of q
-        lse = None
-        for bi in range(b):
-            for start, chunks, rows in _band_calls(length, window, chunk, _BAND_GROUP_ROWS_FORWARD):
-                qv = _band_views(q, bi, start, chunks, rows)
-                kv, vv = (_band_views(t, bi, start, chunks, rows, window) for t in (k, v))
-                mask = bias[:, :, :rows, : window + rows] if chunks else None
-                o, stats = _flash_cpu(qv, kv, vv, 0.0, chunks == 0, attn_mask=mask, scale=scaling)
-                if lse is None:
-                    lse = q.new_empty(b, length, h, dtype=stats.dtype)
-                _band_views(out, bi, start, chunks, rows).copy_(o)
-                _band_views(lse[..., None], bi, start, chunks, rows)[..., 0].copy_(stats)
+        calls = _band_calls(b, length, window, chunk, _BAND_GROUP_ROWS_FORWARD)
+        out = lse = None
+        for call in calls:
+            kv, vv = (_band_views(t, call, window) for t in (k, v))
+            mask = _call_mask(call, window, chunk, q.dtype, q.device)
+            o, stats = _flash_cpu(_band_views(q, call), kv, vv, 0.0, mask is None, attn_mask=mask,
+                                  scale=scaling)
+            if len(calls) == 1:  # one call over every row: the kernel's own output and statistics
+                out, lse = o.transpose(1, 2).contiguous(), stats.transpose(1, 2)
+                break
+            if lse is None:
+                out = q.new_empty(q.shape)  # (B, L, H, D) contiguous, whatever the strides of q
+                lse = q.new_empty(b, length, h, dtype=stats.dtype)
+            _band_views(out, call).copy_(o)
+            _band_views(lse[..., None], call)[..., 0].copy_(stats)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (window, scaling, scratch)
         return out
@@ -328,41 +417,56 @@ class _BandedLocalAttention(torch.autograd.Function):
         window, scaling, scratch = ctx.args
         b, length, h, d = q.shape
         chunk = min(window, _BAND_CHUNK_BACKWARD)
-        bias = _band_bias(chunk, window, q.dtype, q.device)
         if grad_out.shape != q.shape or not grad_out.is_contiguous():
             grad_out = grad_out.contiguous()
+        calls = _band_calls(b, length, window, chunk, _BAND_GROUP_ROWS)
+        if len(calls) == 1:  # one call over every row: its gradients are the whole gradients
+            views = [t.transpose(1, 2) for t in (grad_out, q, k, v, out, lse)]
+            gq, gk, gv = _flash_cpu_backward(*views, 0.0, calls[0][4] <= window, scale=scaling,
+                                             attn_mask=_call_mask(calls[0], window, chunk, q.dtype, q.device))
+            return gq.transpose(1, 2), gk.transpose(1, 2), gv.transpose(1, 2), None, None, None
         # Where the gradients go. Rows of grad_out and out are read only by the call that holds
         # their queries, so once a call is done its rows are free: when the caller does not keep
         # either (``scratch_output``) and the graph is not retained, dq takes grad_out's rows and
-        # dk accumulates in the output's, which saves two (B, L, H, D) buffers at the peak.
+        # dk accumulates in the output's, which saves two (B, L, H, D) buffers at the peak. Calls
+        # run in increasing query start for each batch row, so a call's key window reaches only
+        # rows whose queries are done, and every key row is first written by the call that holds it
+        # as a query (see _fold_windows): the gradients need no zero fill.
         reuse = scratch and not torch._C._autograd._get_current_graph_task_keep_graph()
         dq = grad_out if reuse else q.new_empty(q.shape)
-        dk = out.detach() if reuse else k.new_zeros(k.shape)
-        dv = v.new_zeros(v.shape)
-        for bi in range(b):
-            for start, chunks, rows in _band_calls(length, window, chunk, _BAND_GROUP_ROWS):
-                views = [_band_views(t, bi, start, chunks, rows) for t in (grad_out, q, out)]
-                kv, vv = (_band_views(t, bi, start, chunks, rows, window) for t in (k, v))
-                stats = _band_views(lse[..., None], bi, start, chunks, rows)[..., 0]
-                mask = bias[:, :, :rows, : window + rows] if chunks else None
-                gq, gk, gv = _flash_cpu_backward(views[0], views[1], kv, vv, views[2], stats, 0.0, chunks == 0,
-                                                 attn_mask=mask, scale=scaling)
-                first = start - window if chunks else 0  # the first key row of this call
-                end = start + chunks * rows if chunks else rows
-                if reuse:  # this call's output rows are read: they start accumulating dk
-                    dk[bi, start:end].zero_()
-                _band_views(dq, bi, start, chunks, rows).copy_(gq)
-                _fold_windows(dk[bi, first:], gk, chunks, rows)
-                _fold_windows(dv[bi, first:], gv, chunks, rows)
+        dk = out.detach() if reuse else k.new_empty(k.shape)
+        dv = v.new_empty(v.shape)
+        for call in calls:
+            b0, b1, start, chunks, rows = call
+            views = [_band_views(t, call) for t in (grad_out, q, out)]
+            kv, vv = (_band_views(t, call, window) for t in (k, v))
+            stats = _band_views(lse[..., None], call)[..., 0]
+            mask = _call_mask(call, window, chunk, q.dtype, q.device)
+            gq, gk, gv = _flash_cpu_backward(views[0], views[1], kv, vv, views[2], stats, 0.0, mask is None,
+                                             attn_mask=mask, scale=scaling)
+            first = start - window if chunks else 0  # the first key row of this call
+            end = start + chunks * rows if chunks else rows
+            _band_views(dq, call).copy_(gq)
+            # key rows [first, start) hold the sums of earlier calls; rows [start, end) are this call's
+            # queries, not written yet (with ``reuse``, their output rows were read by this call)
+            _fold_windows(dk[b0:b1, first:end], gk, chunks, rows, start - first)
+            _fold_windows(dv[b0:b1, first:end], gv, chunks, rows, start - first)
         return dq, dk, dv, None, None, None
 
 
-def _fold_windows(acc: torch.Tensor, grad: torch.Tensor, chunks: int, rows: int) -> None:
-    """Add per-chunk key-window gradients (chunks, H, span, D) onto rows of acc (L', H, D) that start
-    at the first window's first row (chunk c's window starts ``c * rows`` later)."""
-    if chunks == 0:  # head call: its keys are rows [0, rows)
-        acc[: grad.shape[2]] += grad[0].transpose(0, 1)
+def _fold_windows(acc: torch.Tensor, grad: torch.Tensor, chunks: int, rows: int, fresh: int) -> None:
+    """Fold a call's key-window gradients (N, H, span, D) into rows of acc (batch rows, L', H, D) that
+    start at the first window's first row: with ``chunks <= 1`` one window per batch row, else the
+    chunks of one batch row (chunk c's window starts ``c * rows`` later). Rows of acc before
+    ``fresh`` hold earlier calls' sums (added to); the rest are unwritten (overwritten)."""
+    if chunks <= 1:  # the head call (keys [0, rows), all fresh) or one chunk per batch row
+        grad = grad.transpose(1, 2)
+        if fresh:
+            acc[:, :fresh] += grad[:, :fresh]
+        acc[:, fresh:].copy_(grad[:, fresh:])
         return
+    acc = acc[0]
+    acc[fresh:].zero_()
     span = grad.shape[2]
     if span % rows == 0:  # windows overlap in whole chunks: one add per chunk offset
         blocks = acc[: (chunks - 1) * rows + span].view(-1, rows, *acc.shape[1:])

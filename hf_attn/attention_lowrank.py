@@ -120,22 +120,61 @@ def _causal_feature_map(module, query, key, value, attention_mask, cache_layer):
         sizes = feature_factors(module.config)
         past = lowrank_state(cache_layer) if cache_layer is not None else None
         if past is None and not torch.compiler.is_compiling():
-            # training, full-sequence inference, a prompt: streamed, O(block) memory
-            out, end_state = _StreamedCausalLowRank.apply(q, k, v, mask, chunk, sizes)
+            # training, full-sequence inference, a prompt: streamed, O(block) memory; the state after
+            # the last row only when a cache keeps it
+            want_state = cache_layer is not None
+            out, end_state = _StreamedCausalLowRank.apply(q, k, v, mask, chunk, sizes, want_state)
         else:
             # generation: this call's chunks at once, from the cached state; and torch.compile /
             # torch.export, which trace this one block with autograd's backward (the streamed
             # Function loops over row blocks in Python, so a graph would exist per length)
-            if past is None:
-                state = q.new_zeros(*v.shape[:2], math.prod(sizes), v.shape[-1] + 1)  # (B, H, k, D + 1)
-            else:
-                state = past.repeat_interleave(g, dim=1)
-            block = _Block(q, k, v, sizes, mask, chunk, state)
-            (out, _), end_state = _normalise(block.y(), q.shape[2]), block.end_state
+            block = _Block(q, k, v, sizes, mask, chunk, None if past is None else past.repeat_interleave(g, dim=1))
+            out, _ = _normalise(block.y(), q.shape[2])
+            end_state = block.end_state if cache_layer is not None else None
         if cache_layer is not None:
             # the g heads of a group hold one state
             set_lowrank_state(cache_layer, end_state[:, ::g].contiguous(), query.shape[2])
+    # out is a (B, H, L, D) view of (B, L, H, D) memory (see the streamed forward): no copy here
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+def lowrank_features(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The k-slot feature map phi of a causal low-rank attention module, as its kernel computes it:
+    the module's ``feature_map`` logits, one softmax per factor (``feature_factors``), and their outer
+    product flattened (``"product"`` map) or the single softmax (``"softmax"`` map).
+    (..., D) -> (..., k), float32."""
+    weight_dtype = next(attn.feature_map.parameters()).dtype
+    logits = attn.feature_map(x.to(weight_dtype)).float()
+    factors = [torch.softmax(part, dim=-1) for part in logits.split(feature_factors(attn.config), dim=-1)]
+    if len(factors) == 1:
+        return factors[0]
+    a, b = factors
+    return (a[..., :, None] * b[..., None, :]).flatten(-2)
+
+
+def lowrank_dense_weights(module: nn.Module, weights: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                          **kwargs) -> torch.Tensor:
+    """``config.output_attentions_layout="dense"``: the (B, H, L, L) token weights the layer implies.
+
+    Causal: phi(q_i) . phi(k_j) over unpadded j <= i, rows normalised (the kernel divides by the row
+    sum + 1e-6); O(L^2 * k), for the whole sequence in one call (the model refuses a cache with a
+    past). Bidirectional (Linformer): the (B, H, L, k) slot weights times the value projection F over
+    the tokens, since out = P (F V) = (P F) V; rows need not sum to 1."""
+    if not module.config.is_causal:
+        length = key.shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=key.device)[None]
+        f = module.linformer_f[:, position_ids].permute(1, 0, 2).to(weights.dtype)  # (B or 1, k, L)
+        if attention_mask is not None:
+            f = f * attention_mask[:, None, :].to(f.dtype)
+        return torch.matmul(weights, f[:, None])  # (B, H, L, k) @ (B or 1, 1, k, L)
+    groups = query.shape[1] // key.shape[1]
+    scores = lowrank_features(module, query) @ lowrank_features(module, key).repeat_interleave(groups, dim=1).transpose(-1, -2)
+    scores = scores.tril()  # (B, H, L, L), non-negative
+    if attention_mask is not None:
+        scores = scores * attention_mask[:, None, None, :].to(scores.dtype)
+    return (scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)).to(query.dtype)
 
 
 # Rows per block of the streamed path (rounded to whole chunks): each block's feature maps,
@@ -162,7 +201,9 @@ def _float_inputs(module, query, key, value, attention_mask):
     """
     g = query.shape[1] // key.shape[1]
     dtype = next(module.feature_map.parameters()).dtype  # autocast is off here: inputs in the weight's dtype
-    q, k = module.feature_map(query.to(dtype)).float(), module.feature_map(key.to(dtype)).float()
+    # on the (B, L, H, D) layout the projections produced (q, k arrive as transposed views of it): the
+    # linear reads it without a copy, and its gradient comes back in that layout
+    q, k = (module.feature_map(t.to(dtype).transpose(1, 2)).float().transpose(1, 2) for t in (query, key))
     v = value.float()
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
@@ -175,9 +216,25 @@ def _float_inputs(module, query, key, value, attention_mask):
     return q, k, v, mask, chunk, g
 
 
+# Softmax widths below this go through the transposed layout on the CPU (``_softmax_last``).
+_NARROW_SOFTMAX = 16
+
+
+def _softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(x, -1)``. The CPU kernel vectorises along the softmax axis, so a narrow one (a
+    product map's factors: 8 wide for k = 64) runs row by row, about 10x slower than softmax over the
+    second-last axis of the transposed view, where it vectorises across rows; same math, equal up to
+    float rounding. Traced graphs keep the plain op (the compiler writes its own kernel)."""
+    if x.shape[-1] < _NARROW_SOFTMAX and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.softmax(x.transpose(-1, -2), dim=-2).transpose(-1, -2)
+    return torch.softmax(x, dim=-1)
+
+
 def _factor_softmax(logits, sizes):
     """One softmax per factor of the feature logits: a list of (..., m_f)."""
-    return [torch.softmax(part, dim=-1) for part in logits.split(sizes, dim=-1)]
+    if len(sizes) == 1:
+        return [_softmax_last(logits)]
+    return [_softmax_last(part) for part in logits.split(sizes, dim=-1)]
 
 
 def _outer(factors):
@@ -199,12 +256,14 @@ def _chunks(t, rows, chunk):
 
 class _Block:
     """Causal feature-map attention of one row block that starts from the prefix ``state``
-    (B, H, k, D + 1). Holds the tensors the backward reuses, in chunks (B, H, nc, C, .): query and
-    key factors (keys' first factor zeroed at padding, so a padded key writes nothing), their k-slot
-    features, the values with a ones column, the in-chunk score factors and their masked product,
-    the state each chunk starts from, and ``end_state`` after the block."""
+    (B, H, k, D + 1), or from zeros when ``state`` is None. Holds the tensors the backward reuses, in
+    chunks (B, H, nc, C, .): query and key factors (keys' first factor zeroed at padding, so a padded
+    key writes nothing), the values with a ones column, the in-chunk score factors and their masked
+    product. The k-slot features, the state each chunk starts from and ``end_state`` after the block
+    are computed on first use: a block of one chunk from zeros (a training sequence no longer than a
+    chunk) reads no prefix, so it needs none of them unless the state after it is wanted."""
 
-    def __init__(self, q, k, v, sizes, mask, chunk, state):
+    def __init__(self, q, k, v, sizes, mask, chunk, state, keep_factor_scores=True):
         rows = q.shape[2]
         self.qf_soft = _factor_softmax(q, sizes)  # (B, H, R, m_f) each, from the logits q, k
         self.kf_soft = _factor_softmax(k, sizes)
@@ -213,21 +272,69 @@ class _Block:
             kf[0] = kf[0] * mask[:, None, :, None]
         self.qf = [_chunks(t, rows, chunk) for t in self.qf_soft]
         self.kf = [_chunks(t, rows, chunk) for t in kf]
-        self.fq, self.fk = _outer(self.qf), _outer(self.kf)  # (B, H, nc, C, k)
         self.v1 = _chunks(F.pad(v, (0, 1), value=1.0), rows, chunk)  # (B, H, nc, C, D + 1)
-        writes = self.fk.transpose(-1, -2) @ self.v1  # (B, H, nc, k, D + 1)
-        # the state each chunk starts from: the block's start plus every earlier chunk's writes
-        self.prefix = _running_sum(state, writes)
-        self.end_state = self.prefix[:, :, -1] + writes[:, :, -1]
+        self.slots = math.prod(sizes)
+        self.state = state
+        # whether some chunk starts from a state that is not zero (and so reads the prefix)
+        self.reads = state is not None or self.v1.shape[2] > 1
         # in-chunk scores phi(q_i) . phi(k_j) = prod_f (a_f(q_i) . a_f(k_j)): C x C per factor,
         # never the C x k features (the product map's saving)
+        # (``keep_factor_scores=False``: the product overwrites the first factor's scores, one (C, C)
+        # buffer fewer; the in-place ops only outside autograd)
         self.factor_scores = [a @ b.transpose(-1, -2) for a, b in zip(self.qf, self.kf)]
         scores = self.factor_scores
-        self.scores = (scores[0] * scores[1] if len(scores) == 2 else scores[0]).tril()
+        if len(scores) == 1:
+            self.scores = scores[0].tril()
+        else:
+            self.scores = (scores[0] * scores[1] if keep_factor_scores else scores[0].mul_(scores[1])).tril_()
+
+    # computed on first use and kept (plain attributes rather than functools.cached_property, whose
+    # lock torch.compile cannot trace)
+    def _memo(self, name, compute):
+        value = self.__dict__.get(name)
+        if value is None:
+            value = self.__dict__[name] = compute()
+        return value
+
+    @property
+    def fq(self) -> torch.Tensor:
+        """Query k-slot features (B, H, nc, C, k)."""
+        return self._memo("_fq", lambda: _outer(self.qf))
+
+    @property
+    def fk(self) -> torch.Tensor:
+        """Key k-slot features (B, H, nc, C, k)."""
+        return self._memo("_fk", lambda: _outer(self.kf))
+
+    @property
+    def writes(self) -> torch.Tensor:
+        """What each chunk adds to the state (B, H, nc, k, D + 1)."""
+        return self._memo("_writes", lambda: self.fk.transpose(-1, -2) @ self.v1)
+
+    @property
+    def prefix(self) -> torch.Tensor:
+        """The state each chunk starts from (B, H, nc, k, D + 1): the block's start plus every earlier
+        chunk's writes."""
+        return self._memo("_prefix", self._prefix)
+
+    def _prefix(self) -> torch.Tensor:
+        start = self.state
+        if start is None:
+            start = self.v1.new_zeros(*self.v1.shape[:2], self.slots, self.v1.shape[-1])
+        if self.v1.shape[2] == 1:
+            return start[:, :, None]
+        return _running_sum(start, self.writes)
+
+    @property
+    def end_state(self) -> torch.Tensor:
+        """The state after the block (B, H, k, D + 1)."""
+        last = self.writes[:, :, -1]
+        return self.prefix[:, :, -1] + last if self.reads else last
 
     def y(self):
         """Unnormalised result (B, H, nc, C, D + 1): in-chunk part plus the read of the prefix."""
-        return self.scores @ self.v1 + self.fq @ self.prefix
+        y = self.scores @ self.v1
+        return y + self.fq @ self.prefix if self.reads else y
 
 
 def _running_sum(start, terms, reverse=False):
@@ -255,12 +362,14 @@ def _running_sum(start, terms, reverse=False):
     return out
 
 
-def _normalise(y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, nc, C, D + 1) -> numerator over normaliser (B, H, rows, D), normaliser (B, H, rows)."""
+def _normalise(y: torch.Tensor, rows: int, out: torch.Tensor | None = None,
+               z_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, nc, C, D + 1) -> numerator over normaliser (B, H, rows, D), normaliser (B, H, rows),
+    written into ``out`` and ``z_out`` when given."""
     b, h = y.shape[:2]
     y = y.view(b, h, -1, y.shape[-1])[:, :, :rows]
-    z = y[..., -1] + _EPS
-    return y[..., :-1] / z[..., None], z
+    z = torch.add(y[..., -1], _EPS, out=z_out)
+    return torch.div(y[..., :-1], z[..., None], out=out), z
 
 
 def _factor_grads(dfeatures, factors):
@@ -272,43 +381,65 @@ def _factor_grads(dfeatures, factors):
     return [(d * b[..., None, :]).sum(-1), (d * a[..., :, None]).sum(-2)]
 
 
-def _softmax_backward(factors, dfactors, rows):
-    """d logits (B, H, rows, sum of m_f) from each factor's softmax (B, H, rows, m_f) and its
-    gradient in chunks (B, H, nc, C, m_f)."""
-    parts = []
+def _normaliser_backward(grad_out, out, z):
+    """dy (B, H, R, D + 1) of ``out = y[..., :D] / z``, ``z = y[..., D] + eps``: (go / z, -(go . out) / z),
+    written into one buffer without temporaries."""
+    dy = grad_out.new_empty(*grad_out.shape[:-1], grad_out.shape[-1] + 1)
+    num, den = dy[..., :-1], dy[..., -1]
+    torch.sum(torch.mul(grad_out, out, out=num), dim=-1, out=den)  # go . out, with num as scratch
+    den.div_(z).neg_()
+    torch.div(grad_out, z[..., None], out=num)
+    return dy
+
+
+def _plus(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """total + term, where None stands for a zero total."""
+    return term if total is None else total + term
+
+
+def _softmax_backward(dx, factors, dfactors, rows):
+    """Write d logits into dx (B, H, rows, sum of m_f) from each factor's softmax (B, H, rows, m_f)
+    and its gradient in chunks (B, H, nc, C, m_f)."""
+    offset = 0
     for a, da in zip(factors, dfactors):
         da = da.flatten(2, 3)[:, :, :rows]
-        parts.append(a * (da - (da * a).sum(-1, keepdim=True)))
-    return torch.cat(parts, dim=-1)
+        width = a.shape[-1]
+        torch.mul(a, da - (da * a).sum(-1, keepdim=True), out=dx[..., offset: offset + width])
+        offset += width
 
 
 class _StreamedCausalLowRank(torch.autograd.Function):
     """Causal feature-map attention over row blocks; the backward recomputes one block at a time.
 
     Inputs: feature logits q, k (B, H, L, M) and values v (B, H, L, D), float32 (k, v already
-    repeated to the query heads), mask (B, L) float or None, chunk, factor sizes (summing to M).
-    Outputs: (B, H, L, D)
-    and the state after the last row (B, H, k, D + 1), for a generation cache (not differentiable).
+    repeated to the query heads), mask (B, L) float or None, chunk, factor sizes (summing to M), and
+    whether the state after the last row is wanted (a cache keeps it).
+    Outputs: (B, H, L, D), a view of (B, L, H, D) memory (the layout the caller returns), and the
+    state after the last row (B, H, k, D + 1), for a generation cache (not differentiable; an empty
+    tensor when not wanted).
     Saved: q, k (logits), v, mask, the output and its normaliser (B, H, L), and the (k, D + 1)
     state at the start of each block.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, chunk, sizes):
+    def forward(ctx, q, k, v, mask, chunk, sizes, need_state):
         b, h, length, d = v.shape
         rows = max(chunk, _STREAM_ROWS // chunk * chunk)
-        state = q.new_zeros(b, h, math.prod(sizes), d + 1)  # (k, D + 1)
-        out, z = q.new_empty(b, h, length, d), q.new_empty(b, h, length)
-        starts = []
+        zero = q.new_zeros(b, h, math.prod(sizes), d + 1)  # (k, D + 1)
+        out, z = q.new_empty(b, length, h, d).transpose(1, 2), q.new_empty(b, h, length)
+        state, starts = None, []  # None: the zero state
         for r0 in range(0, length, rows):
             r1 = min(r0 + rows, length)
-            starts.append(state)
+            starts.append(zero if state is None else state)
             block = _Block(q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1], sizes,
-                           mask[:, r0:r1] if mask is not None else None, chunk, state)
-            state = block.end_state
-            out[:, :, r0:r1], z[:, :, r0:r1] = _normalise(block.y(), r1 - r0)
+                           mask[:, r0:r1] if mask is not None else None, chunk, state,
+                           keep_factor_scores=False)
+            if r1 < length or need_state:
+                state = block.end_state
+            _normalise(block.y(), r1 - r0, out[:, :, r0:r1], z[:, :, r0:r1])
         ctx.save_for_backward(q, k, v, mask, out, z, torch.stack(starts))
         ctx.args = (chunk, rows, sizes)
+        state = state if need_state else q.new_empty(0)
         ctx.mark_non_differentiable(state)  # the cache's copy: later calls do not backpropagate into it
         return out, state
 
@@ -319,36 +450,49 @@ class _StreamedCausalLowRank(torch.autograd.Function):
         chunk, rows, sizes = ctx.args
         length = q.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        carry = torch.zeros_like(starts[0])  # d loss / d (state after this block)
+        carry = None  # d loss / d (state after this block); None: zero (the last block)
         for index in reversed(range(starts.shape[0])):
             r0 = index * rows
             r1 = min(r0 + rows, length)
             n = r1 - r0
             qb, kb, vb = q[:, :, r0:r1], k[:, :, r0:r1], v[:, :, r0:r1]
             mb = mask[:, r0:r1] if mask is not None else None
-            blk = _Block(qb, kb, vb, sizes, mb, chunk, starts[index])
+            blk = _Block(qb, kb, vb, sizes, mb, chunk, starts[index] if index else None)
+            n_chunks = blk.v1.shape[2]
             # out = y[..., :D] / z with z = y[..., D] + eps, so dy = (go / z, -(go . out) / z)
-            go, zb = grad_out[:, :, r0:r1], z[:, :, r0:r1, None]
-            dy = _chunks(torch.cat([go / zb, -(go * out[:, :, r0:r1]).sum(-1, keepdim=True) / zb], dim=-1), n, chunk)
+            dy = _normaliser_backward(grad_out[:, :, r0:r1], out[:, :, r0:r1], z[:, :, r0:r1])
+            dy = _chunks(dy, n, chunk)
             dscores = (dy @ blk.v1.transpose(-1, -2)).tril_()
             dv1 = blk.scores.transpose(-1, -2) @ dy
-            dprefix = blk.fq.transpose(-1, -2) @ dy  # (B, H, nc, k, D + 1)
-            # a chunk's write reaches every later chunk's prefix and the state after the block:
-            # dwrites[c] = carry + sum of dprefix over the chunks after c, a reversed running sum
-            dwrites = _running_sum(carry, dprefix, reverse=True)
-            carry = dwrites[:, :, 0] + dprefix[:, :, 0]
-            dv1 += blk.fk @ dwrites
-            # through the reads of the prefix and the writes into it, then the in-chunk scores
-            dqf = _factor_grads(dy @ blk.prefix.transpose(-1, -2), blk.qf)
-            dkf = _factor_grads(blk.v1 @ dwrites.transpose(-1, -2), blk.kf)
+            # through the reads of the prefix (none when every chunk starts from zero)
+            dqf = _factor_grads(dy @ blk.prefix.transpose(-1, -2), blk.qf) if blk.reads else None
+            dkf = None
+            if carry is not None or n_chunks > 1:
+                # a chunk's write reaches every later chunk's prefix and the state after the block:
+                # dwrites[c] = carry + sum of dprefix over the chunks after c, a reversed running sum
+                dprefix = blk.fq.transpose(-1, -2) @ dy  # (B, H, nc, k, D + 1)
+                start = carry if carry is not None else torch.zeros_like(starts[0])
+                dwrites = _running_sum(start, dprefix, reverse=True)
+                carry = dwrites[:, :, 0] + dprefix[:, :, 0]
+                dv1 += blk.fk @ dwrites
+                dkf = _factor_grads(blk.v1 @ dwrites.transpose(-1, -2), blk.kf)
+            elif index:  # one chunk after which nothing was read: only the earlier blocks' gradient
+                carry = (blk.fq.transpose(-1, -2) @ dy)[:, :, 0]
+            # the in-chunk scores
             scores = blk.factor_scores
-            for f, (aq, ak) in enumerate(zip(blk.qf, blk.kf)):
-                dsf = dscores * scores[1 - f] if len(scores) == 2 else dscores  # the other factor's scores
-                dqf[f] = dqf[f] + dsf @ ak
-                dkf[f] = dkf[f] + dsf.transpose(-1, -2) @ aq
+            dqf, dkf = dqf or [None] * len(scores), dkf or [None] * len(scores)
+            # d factor f's scores: dscores times the other factor's scores (in place: the block's
+            # factor scores are not read again)
+            dsfs = [scores[1].mul_(dscores), scores[0].mul_(dscores)] if len(scores) == 2 else [dscores]
+            for f, (aq, ak, dsf) in enumerate(zip(blk.qf, blk.kf, dsfs)):
+                # (C, C) @ (C, m) as the transposed product (m, C) @ (C, C): BLAS is several times
+                # faster with m (a few slots) as the rows than as the columns, and the factors are
+                # stored (m, C) already (see _softmax_last)
+                dqf[f] = _plus(dqf[f], (ak.transpose(-1, -2) @ dsf.transpose(-1, -2)).transpose(-1, -2))
+                dkf[f] = _plus(dkf[f], (aq.transpose(-1, -2) @ dsf).transpose(-1, -2))
             dv[:, :, r0:r1] = dv1.flatten(2, 3)[:, :, :n, :-1]
             if mb is not None:
                 dkf[0] = dkf[0] * _chunks(mb[:, None, :, None], n, chunk)
             for feats, dfeats, dx in ((blk.qf_soft, dqf, dq), (blk.kf_soft, dkf, dk)):
-                dx[:, :, r0:r1] = _softmax_backward(feats, dfeats, n)  # d logits
-        return dq, dk, dv, None, None, None
+                _softmax_backward(dx[:, :, r0:r1], feats, dfeats, n)  # d logits
+        return dq, dk, dv, None, None, None, None

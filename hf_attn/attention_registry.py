@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .attention_eager import eager_attention_forward, sdpa_attention_forward
-from .attention_local import build_local_block_mask, local_attention_forward
-from .attention_lowrank import init_lowrank_module, lowrank_attention_forward
+from .attention_local import build_local_block_mask, local_attention_forward, local_dense_weights
+from .attention_lowrank import init_lowrank_module, lowrank_attention_forward, lowrank_dense_weights
 
 # build_mask(key_padding_mask (B, past + L) bool or None, query_length, past_length, config, batch, device) -> mask
 MaskBuilder = Callable[[torch.Tensor | None, int, int, object, int, torch.device], torch.Tensor | None]
@@ -46,13 +46,18 @@ class AttentionSpec:
     init_module: Callable | None = None
     # full softmax modes honour any transformers attn_implementation (eager, sdpa, flash, ...)
     full_attention: bool = False
+    # dense_weights(module, weights, query, key, value, attention_mask=, position_ids=) -> (B, H, Lq, Lk):
+    # the mode's own weights as full attention weights (config.output_attentions_layout="dense");
+    # None where the weights already are
+    dense_weights: Callable | None = None
 
 
 ATTENTION_REGISTRY: dict[str, AttentionSpec] = {
     "eager": AttentionSpec(sdpa_attention_forward, full_attention=True),
     "rope": AttentionSpec(sdpa_attention_forward, full_attention=True),
-    "local": AttentionSpec(local_attention_forward, _local_mask),
-    "lowrank": AttentionSpec(lowrank_attention_forward, _new_keys_mask, init_lowrank_module),
+    "local": AttentionSpec(local_attention_forward, _local_mask, dense_weights=local_dense_weights),
+    "lowrank": AttentionSpec(lowrank_attention_forward, _new_keys_mask, init_lowrank_module,
+                             dense_weights=lowrank_dense_weights),
 }
 
 # Kernels of the full modes by HF ``attn_implementation`` name; other names go through

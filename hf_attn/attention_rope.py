@@ -16,6 +16,8 @@ Shapes: cos/sin (B, L, D) broadcast over heads; q (B, H, L, D), k (B, Hkv, L, D)
 Cost: O(n * D). Positions the model made itself (each below the sequence length) index a cos/sin
 table, sized from ``max_position_embeddings`` and doubled only for longer sequences; the caller's
 position ids (any values) and traced graphs get angles computed from the ids, as transformers does.
+The rotation (``apply_rotary``) rotates q and k in one autograd node; on the CPU it reads cos/sin
+written out per head (B, H, L, 1.5 D floats), built once per forward from the pair every layer gets.
 Limits: dynamic NTK changes every position's angle once the length passes the trained length, so
 keys cached before that point were rotated with the old base (as in other dynamic-NTK implementations).
 """
@@ -24,60 +26,91 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, H, L, D) and k (B, Hkv, L, D) with cos/sin (B, L, D) as ``HfAttnRotary`` builds
     them (both halves of the last axis equal): ``x * cos + rotate_half(x) * sin``."""
-    half = cos.shape[-1] // 2
-    cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, L, D/2)
     if torch.compiler.is_compiling():
         # torch.compile / torch.export: the plain formula, which the compiler fuses itself (the eager
         # kernel's ``out=`` writes into strided halves are not traceable)
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, L, D/2)
         return _rotated(q, cos, sin), _rotated(k, cos, sin)
-    return _Rotate.apply(q, cos, sin), _Rotate.apply(k, cos, sin)
+    return _RotatePair.apply(q, k, *_head_tables(cos, sin, max(q.shape[1], k.shape[1])))
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``_Rotate``'s math as out-of-place ops: (x1 cos - x2 sin, x2 cos + x1 sin), cos/sin the first halves."""
+    """The rotation as out-of-place ops: (x1 cos - x2 sin, x2 cos + x1 sin), cos/sin the first halves."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class _Rotate(torch.autograd.Function):
-    """The rotation as two fused half-width passes, with no ``rotate_half`` copy and nothing saved
-    but the (shared) cos/sin tables; the backward is the rotation by the opposite angle.
+# cos -> (sin, their versions, heads, cos table, sin table) of the tables built from it: every layer
+# of a forward gets the same (cos, sin) pair, so they are built once per forward and dropped with it
+_HEAD_TABLES = WeakIdKeyDictionary()
 
-    Per half: ``out1 = x1 cos - x2 sin``, ``out2 = x2 cos + x1 sin``. The output keeps the strides of
-    x (the projections' (B, L, H, D) layout) and the dtype ``x * cos`` would have.
+
+def _head_tables(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos (B, L, D) and the first half of sin as (B, heads, L, D) and (B, heads, L, D/2) tables.
+
+    On the CPU they are written out per head, in the (B, L, heads, .) order of the projections'
+    memory: an elementwise op over a (B, H, L, D/2) half of q that broadcasts a table over the heads
+    runs about 3x slower there than one whose operands all step through the heads. Elsewhere they
+    are broadcast views (one head, no copy)."""
+    half = cos.shape[-1] // 2
+    if cos.device.type != "cpu":
+        return cos[:, None], sin[:, None, :, :half]
+    # an in-place change of cos or sin builds them anew; inference tensors keep no version, so
+    # theirs are not kept
+    kept = not (cos.is_inference() or sin.is_inference())
+    versions = (cos._version, sin._version) if kept else None
+    entry = _HEAD_TABLES.get(cos) if kept else None
+    if entry is not None and entry[0] is sin and entry[1] == versions and entry[2] >= heads:
+        return entry[3], entry[4]
+    b, length, width = cos.shape
+    cos_t = cos[:, :, None].expand(b, length, heads, width).contiguous().transpose(1, 2)
+    sin_t = sin[:, :, None, :half].expand(b, length, heads, half).contiguous().transpose(1, 2)
+    if kept:
+        _HEAD_TABLES[cos] = (sin, versions, heads, cos_t, sin_t)  # nothing in it refers to cos
+    return cos_t, sin_t
+
+
+class _RotatePair(torch.autograd.Function):
+    """The rotation of q and k in one autograd node: per tensor one full-width product and two
+    half-width fused multiply-adds, with no ``rotate_half`` copy and nothing saved but the (shared)
+    tables; the backward is the rotation by the opposite angle.
+
+    ``out = x cos``, then ``out1 -= x2 sin``, ``out2 += x1 sin`` (cos full width, both halves equal;
+    sin its first half). The outputs keep the strides of q and k (the projections' (B, L, H, D)
+    layout) and the dtype ``x * cos`` would have.
     """
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
-        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
-        _rotate_into(out, x, cos, sin, 1.0)
+    def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
-        return out
+        ctx.dtypes = q.dtype, k.dtype
+        return _rotate(q, cos, sin, 1.0), _rotate(k, cos, sin, 1.0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
-        grad_x = torch.empty_like(grad)
-        _rotate_into(grad_x, grad, cos, sin, -1.0)
-        return grad_x.to(ctx.x_dtype), None, None
+        dq, dk = (_rotate(g, cos, sin, -1.0).to(dtype) for g, dtype in zip((grad_q, grad_k), ctx.dtypes))
+        return dq, dk, None, None
 
 
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
-    """out = x rotated by +angle (sign 1) or -angle (sign -1); cos/sin are the first halves."""
-    half = x.shape[-1] // 2
-    x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=out1)
-    out1.addcmul_(x2, sin, value=-sign)
-    torch.mul(x2, cos, out=out2)
-    out2.addcmul_(x1, sin, value=sign)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x (B, h, L, D) rotated by +angle (sign 1) or -angle (sign -1); cos (B, >= h heads, L, D),
+    sin (B, >= h heads, L, D/2)."""
+    heads, half = x.shape[1], x.shape[-1] // 2
+    cos, sin = cos[:, :heads], sin[:, :heads]
+    out = torch.mul(x, cos)
+    out[..., :half].addcmul_(x[..., half:], sin, value=-sign)
+    out[..., half:].addcmul_(x[..., :half], sin, value=sign)
+    return out
 
 
 class HfAttnRotary(nn.Module):

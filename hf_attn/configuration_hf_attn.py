@@ -23,6 +23,7 @@ POSITION_EMBEDDING_TYPES = ("absolute", "rope")
 ROPE_TYPES = ("default", "linear", "dynamic")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_new", "relu")
 LOWRANK_FEATURE_MAPS = ("product", "softmax")
+ATTENTIONS_LAYOUTS = ("native", "dense")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -118,6 +119,19 @@ class HfAttnConfig(PretrainedConfig):
         rope_parameters: transformers 5 spelling of the same facts, stored in config.json:
             ``{"rope_type": "default" | "linear" | "dynamic", "rope_theta": float, "factor": float}``.
         is_causal: ``True`` for a decoder (default); ``False`` makes attention bidirectional.
+        output_attentions_layout: What ``output_attentions=True`` returns per layer. ``"native"``
+            (default): each mode's own form (full modes (B, H, Lq, Lk); ``local`` its blocked
+            (B, H, n/w, w, span) weights; causal ``lowrank`` ``None``; bidirectional ``lowrank`` its
+            (B, H, L, k) slot weights). ``"dense"``: (B, H, Lq, Lk) for every mode, the form tools
+            such as bertviz read: ``local``'s band placed in (Lq x Lk), zeros outside; causal
+            ``lowrank`` the attention its feature map implies, phi(q_i).phi(k_j) over j <= i with
+            rows normalised; bidirectional ``lowrank`` the token weights its k slots imply. O(L^2)
+            memory per layer, formed only when weights are asked for.
+        fused_ops: ``True`` (default): while gradients are recorded, RMSNorm, the SwiGLU gate with
+            ``down_proj``, and q/k/v (one stacked matmul) run as fused autograd functions that keep
+            fewer tensors and record fewer nodes (same values and gradients; hooked or adapted
+            projections are always called as modules). ``False``: plain PyTorch ops throughout, for
+            double backward, forward-mode AD and ``torch.func`` transforms.
         loss_chunk_size: Tokens per chunk of the LM loss while gradients are recorded: the logits of
             ``loss_chunk_size`` tokens are formed at a time and never all (tokens x vocab) at once, so
             such a forward returns ``loss`` with ``logits=None``. ``0`` turns chunking off (logits are
@@ -156,7 +170,9 @@ class HfAttnConfig(PretrainedConfig):
         rope_scaling: dict | None = None,
         rope_parameters: dict | None = None,
         is_causal: bool = True,
+        fused_ops: bool = True,
         loss_chunk_size: int = 1024,
+        output_attentions_layout: str = "native",
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
         pad_token_id: int | None = None,
@@ -200,7 +216,9 @@ class HfAttnConfig(PretrainedConfig):
         params.setdefault("rope_theta", rope_theta)
         self.rope_parameters = params
         self.is_causal = is_causal
+        self.fused_ops = fused_ops
         self.loss_chunk_size = loss_chunk_size
+        self.output_attentions_layout = output_attentions_layout
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -267,6 +285,8 @@ class HfAttnConfig(PretrainedConfig):
                      "sliding_window", "lowrank_dim", "lowrank_chunk_size"):
             _check_int(name, getattr(self, name))
         _check_int("loss_chunk_size", self.loss_chunk_size, minimum=0)
+        if self.output_attentions_layout not in ATTENTIONS_LAYOUTS:
+            _fail("output_attentions_layout", self.output_attentions_layout, f"one of {list(ATTENTIONS_LAYOUTS)}")
         if self.hidden_size % self.num_attention_heads:
             _fail("num_attention_heads", self.num_attention_heads,
                   f"a divisor of hidden_size={self.hidden_size}")
@@ -303,6 +323,8 @@ class HfAttnConfig(PretrainedConfig):
                 _fail(name, value, f"None or an id in [0, vocab_size={self.vocab_size})")
         if not isinstance(self.is_causal, bool):
             _fail("is_causal", self.is_causal, "True or False")
+        if not isinstance(self.fused_ops, bool):
+            _fail("fused_ops", self.fused_ops, "True or False")
         if self.lowrank_feature_map not in LOWRANK_FEATURE_MAPS:
             _fail("lowrank_feature_map", self.lowrank_feature_map, f"one of {list(LOWRANK_FEATURE_MAPS)} or None")
         if (self.attention_mode == "lowrank" and self.is_causal and self.lowrank_feature_map == "product"

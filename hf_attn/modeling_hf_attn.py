@@ -52,16 +52,23 @@ AUTO_MAP = {
 }
 
 
+def _fused(config: HfAttnConfig | None) -> bool:
+    """Whether the fused training ops (``fused_ops.py``) may run: ``config.fused_ops`` and not while
+    ``torch.compile`` / ``torch.export`` trace the model (the compiler fuses the plain ops itself)."""
+    return (config is None or config.fused_ops) and not _tracing()
+
+
 class HfAttnRMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in float32."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, config: HfAttnConfig | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.config = config  # read for ``fused_ops`` at every call
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.eps, fused=not _tracing())
+        return rms_norm(hidden_states, self.weight, self.eps, fused=_fused(self.config))
 
 
 class HfAttnMLP(nn.Module):
@@ -70,6 +77,7 @@ class HfAttnMLP(nn.Module):
 
     def __init__(self, config: HfAttnConfig) -> None:
         super().__init__()
+        self.config = config
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
@@ -78,7 +86,7 @@ class HfAttnMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # (B, L, 2I): [gate | up]
         if self.is_silu:  # down_proj(silu(gate) * up), fused while training (see fused_ops)
-            return silu_mul_linear(gate_up, self.down_proj, fused=not _tracing())
+            return silu_mul_linear(gate_up, self.down_proj, fused=_fused(self.config))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -122,7 +130,7 @@ class HfAttnAttention(nn.Module):
         ``nn.Linear`` modules (no hooks, adapters or offload: ``plain_linear``), one matmul with their
         weights stacked; otherwise each module is called, so hooks and adapters see every call."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if all(plain_linear(p) for p in projections) and not _tracing():
+        if _fused(self.config) and all(plain_linear(p) for p in projections):
             weight = torch.cat([p.weight for p in projections])
             return F.linear(hidden_states, weight).split([p.out_features for p in projections], dim=-1)
         return tuple(p(hidden_states) for p in projections)
@@ -170,6 +178,10 @@ class HfAttnAttention(nn.Module):
             implementation=impl,
             **attention_kwargs,
         )  # out (B, L, H, D)
+        if (output_attentions and not dense_mask and self.spec.dense_weights is not None
+                and self.config.output_attentions_layout == "dense"):
+            weights = self.spec.dense_weights(self, weights, query, key, value, attention_mask=attention_mask,
+                                              position_ids=position_ids)  # (B, H, Lq, Lk)
         return self.o_proj(out.reshape(b, length, -1)), weights
 
 
@@ -182,9 +194,9 @@ class HfAttnDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: HfAttnConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.self_attn = HfAttnAttention(config, layer_idx)
-        self.post_attention_layernorm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.mlp = HfAttnMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -492,7 +504,7 @@ class HfAttnModel(HfAttnPreTrainedModel):
         )
         self.rotary = HfAttnRotary(config) if config.position_embedding_type == "rope" else None
         self.layers = nn.ModuleList([HfAttnDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.gradient_checkpointing = False
         self.spec = get_attention_spec(config.attention_mode)
@@ -609,6 +621,11 @@ class HfAttnModel(HfAttnPreTrainedModel):
             check_cache(cache, config, (input_ids if input_ids is not None else inputs_embeds).shape[0])
         past = past_length(cache)  # an int, or a tensor for static caches
         _check_inputs(config, input_ids, inputs_embeds, attention_mask, position_ids, past)
+        if (output_attentions and config.output_attentions_layout == "dense" and config.attention_mode == "lowrank"
+                and _checking() and int(past) > 0):
+            raise ValueError("output_attentions with output_attentions_layout='dense': attention_mode='lowrank' keeps "
+                             "a running sum of the past, not its keys, so its (L x L) weights need the whole "
+                             "sequence in one call (no cache with a past); use output_attentions_layout='native'")
         given_cache = cache  # the caller's: a fresh one below has no past (packed rows are found without it)
         if use_cache and cache is None:
             cache = HfAttnCache(config)

@@ -214,3 +214,92 @@ def test_single_token_fast_path_matches_dense_reference(cached):
     got, _ = local_attention_forward(module(4), q, k, v, None, 8**-0.5)
     expected = dense_reference(q, k, v, None, 4, True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# (batch, length, window, chunk, group rows, call kinds _band_calls makes in the forward): one chunk of
+# every batch row per call ("batched"), several chunks of one batch row per call ("rows"), and a
+# sequence of at most two chunks as one masked call ("whole"), alone or split over batch slices
+BATCHED_CASES = [(5, 40, 8, 8, 64, "batched"), (3, 37, 8, 8, 16, "batched"), (4, 60, 8, 4, 8, "batched"),
+                 (2, 100, 8, 4, 64, "rows"), (6, 24, 16, 16, 64, "whole"), (7, 12, 8, 8, 16, "whole")]
+
+
+def _call_kind(calls) -> str:
+    """How ``_band_calls`` grouped its calls: "whole", "batched" or "rows"."""
+    if all(chunks == 0 for *_, chunks, _rows in calls):
+        return "whole"
+    return "batched" if any(b1 - b0 > 1 for b0, b1, _, chunks, _rows in calls if chunks) else "rows"
+
+
+@pytest.mark.parametrize("batch,length,window,chunk,group,kind", BATCHED_CASES)
+@pytest.mark.parametrize("scratch", [False, True])
+def test_banded_path_batched_calls_match_dense_reference(monkeypatch, batch, length, window, chunk, group, kind,
+                                                         scratch):
+    """Batches of several rows in float64: the banded path's calls over several batch rows at once
+    (one chunk per batch row, or a short sequence in one masked call) give dense masked attention's
+    output and gradients, grouped-query heads included; ``_band_calls`` covers every query row once,
+    in increasing start for each batch row."""
+    import hf_attn.attention_local as local
+
+    monkeypatch.setattr(local, "_BAND_CHUNK_FORWARD", chunk)
+    monkeypatch.setattr(local, "_BAND_CHUNK_BACKWARD", chunk)
+    monkeypatch.setattr(local, "_BAND_GROUP_ROWS", group)
+    monkeypatch.setattr(local, "_BAND_GROUP_ROWS_FORWARD", group)
+    monkeypatch.setattr(local, "_BAND_WHOLE_ROWS", 3 * length)  # "whole" cases split over batch slices
+    calls = local._band_calls(batch, length, window, chunk, group)
+    assert _call_kind(calls) == kind
+    for row in range(batch):
+        spans = [(start, start + max(chunks, 1) * rows if chunks else rows)
+                 for b0, b1, start, chunks, rows in calls if b0 <= row < b1]
+        assert spans[0][0] == 0 and spans[-1][1] == length
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, in order
+    torch.manual_seed(0)
+    q = torch.randn(batch, length, 4, 8, dtype=torch.float64).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
+    k, v = (torch.randn(batch, length, 2, 8, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    grad_out = torch.randn(batch, length, 4, 8, dtype=torch.float64)
+    expected = dense_reference(q, k, v, None, window, True)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    mod = HfAttnAttention(tiny_config("local", sliding_window=window), layer_idx=0).train()
+    got, _ = local_attention_forward(mod, q, k, v, None, 8**-0.5, scratch_output=scratch)
+    assert "BandedLocalAttention" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(got, (q, k, v), grad_out.clone())
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_banded_calls_batch_short_sequences_into_few_calls():
+    """The small-model shape (12 rows of 64 tokens, w = 32): one flash call each way; a long sequence
+    in a batch of one keeps several chunks per call."""
+    import hf_attn.attention_local as local
+
+    for chunk, group in ((local._BAND_CHUNK_FORWARD, local._BAND_GROUP_ROWS_FORWARD),
+                         (min(32, local._BAND_CHUNK_BACKWARD), local._BAND_GROUP_ROWS)):
+        assert local._band_calls(12, 64, 32, chunk, group) == [(0, 12, 0, 0, 64)]
+        assert len(local._band_calls(12, 256, 32, chunk, group)) == 1 + (256 - 32) // chunk
+    long = local._band_calls(1, 16384, 256, 32, 4096)
+    assert len(long) == 1 + -(-(16384 - 256) // 4096)
+
+
+@pytest.mark.parametrize("forward_chunk,backward_chunk", [(4, 16), (16, 4)])
+def test_banded_path_whole_call_in_one_direction_only(monkeypatch, forward_chunk, backward_chunk):
+    """The forward and the backward chunk differently, so one may be a single whole-sequence call while
+    the other runs in chunks: the statistics pass between the two layouts."""
+    import hf_attn.attention_local as local
+
+    monkeypatch.setattr(local, "_BAND_CHUNK_FORWARD", forward_chunk)
+    monkeypatch.setattr(local, "_BAND_CHUNK_BACKWARD", backward_chunk)
+    length, window = 30, 16
+    kinds = [_call_kind(local._band_calls(3, length, window, c, 512)) for c in (forward_chunk, backward_chunk)]
+    assert sorted(kinds) == ["batched", "whole"]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, length, 2, 8, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+               for _ in range(3))
+    grad_out = torch.randn(3, length, 2, 8, dtype=torch.float64)
+    expected = dense_reference(q, k, v, None, window, True)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    mod = HfAttnAttention(tiny_config("local", sliding_window=window, num_key_value_heads=2), layer_idx=0).train()
+    got, _ = local_attention_forward(mod, q, k, v, None, 8**-0.5, scratch_output=True)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    for g, e in zip(torch.autograd.grad(got, (q, k, v), grad_out.clone()), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)

@@ -64,9 +64,11 @@ def test_causal_kernel_matches_quadratic_definition(chunk, feature_map):
 
 
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
-def test_state_continues_exactly(feature_map):
-    """Prefix in one call + the rest token by token == everything in one call."""
-    mod = module(lowrank_chunk_size=4, lowrank_feature_map=feature_map)
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_state_continues_exactly(feature_map, chunk):
+    """Prefix in one call + the rest token by token == everything in one call (a prompt of several
+    chunks, or within one chunk)."""
+    mod = module(lowrank_chunk_size=chunk, lowrank_feature_map=feature_map)
     q, k, v = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
     whole, _ = lowrank_attention_forward(mod, q, k, v, None, 8**-0.5)
     layer = LinearAttentionLayer()  # what DynamicCache(config=...) holds for lowrank
@@ -100,9 +102,11 @@ def _quadratic_reference_f64(mod, q, k, v, key_mask):
 
 
 # (length, chunk, rows per streamed block): one block, several blocks, a block ending mid-chunk
-# (padded), blocks of one chunk
+# (padded), blocks of one chunk, a sequence within one chunk (no prefix read, no state built), blocks
+# of one full chunk each
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
-@pytest.mark.parametrize("length,chunk,rows", [(11, 4, 512), (23, 4, 8), (37, 8, 16), (5, 4, 8), (40, 4, 2)])
+@pytest.mark.parametrize("length,chunk,rows", [(11, 4, 512), (23, 4, 8), (37, 8, 16), (5, 4, 8), (40, 4, 2),
+                                               (7, 8, 512), (16, 16, 512), (24, 8, 8)])
 def test_streamed_path_gradients_match_quadratic_definition(monkeypatch, length, chunk, rows, feature_map):
     """The training path (row blocks, hand-written backward that recomputes each block) gives the
     quadratic definition's output and gradients for q, k, v and the feature map, padding included."""
@@ -217,3 +221,39 @@ def test_first_call_with_a_cache_takes_the_streamed_path():
             assert state.shape == (2, 2, 8, 9) and not state.requires_grad
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 7, 8, 15, 16, 17, 64])
+def test_narrow_softmax_matches_torch_softmax(width):
+    """``_softmax_last`` (the transposed layout for narrow widths on the CPU) equals torch.softmax up
+    to float rounding, forward and backward (through autograd and through the streamed backward's
+    ``_softmax_backward``), for the strided factor slices the kernel feeds it."""
+    from hf_attn.attention_lowrank import _softmax_backward, _softmax_last
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 5, 3, 2 * width) * 4).transpose(1, 2)[..., width:]  # (B, H, L, m), strided
+    logits.requires_grad_(True)
+    grad = torch.randn(2, 3, 5, width)
+    got = _softmax_last(logits)
+    expected = torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    got_grad, = torch.autograd.grad(got, logits, grad)
+    expected_grad, = torch.autograd.grad(expected, logits, grad)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)
+    dx = torch.empty(2, 3, 5, width)
+    _softmax_backward(dx, [got.detach()], [grad[:, :, None]], 5)  # the gradient in one chunk of 5 rows
+    torch.testing.assert_close(dx, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_path_builds_no_state_when_none_is_wanted():
+    """Training (no cache) within one chunk: the streamed kernel reads no prefix and forms no k-slot
+    features: no tensor of forward or backward is (C, k) or (k, C) (only the zero start state has k rows)."""
+    mod = module(lowrank_chunk_size=16, lowrank_dim=36, lowrank_feature_map="product")  # a 6 x 6 grid
+    q = torch.randn(1, 4, 16, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 16, 8, requires_grad=True), torch.randn(1, 2, 16, 8, requires_grad=True)
+    with ShapeProbe() as probe:
+        out, _ = lowrank_attention_forward(mod, q, k, v, None, 8**-0.5)
+        out.sum().backward()
+    assert feature_factors(mod.config) == (6, 6)
+    assert not any(sorted(shape[-2:]) == [16, 36] for shape in probe.shapes)
+    assert any(shape[-2:] == (16, 16) for shape in probe.shapes)  # the in-chunk scores

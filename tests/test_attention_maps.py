@@ -230,3 +230,87 @@ def test_bertviz_html(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- output_attentions_layout="dense": the model's own (B, H, L, L) weights ---------------------------
+
+def _dense_and_heads(model, ids, mask=None):
+    """Per layer: the dense weights and what they must reproduce, the layer's per-head output
+    (B, H, L, D) (o_proj's input) and its values (B, Hkv, L, D) (v_proj's output)."""
+    base = model.model if hasattr(model, "model") else model
+    seen = [{} for _ in base.layers]
+    handles = []
+    for store, layer in zip(seen, base.layers):
+        attn = layer.self_attn
+        handles.append(attn.v_proj.register_forward_hook(lambda m, a, out, s=store: s.__setitem__("v", out)))
+        handles.append(attn.o_proj.register_forward_pre_hook(lambda m, a, s=store: s.__setitem__("o", a[0])))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    b, length = ids.shape
+    d = base.config.head_dim
+    return [(w, s["o"].view(b, length, -1, d).transpose(1, 2), s["v"].view(b, length, -1, d).transpose(1, 2))
+            for w, s in zip(out.attentions, seen)]
+
+
+@pytest.mark.parametrize("mode,pos", MODE_VARIANTS, ids=MODE_IDS)
+def test_dense_layout_weights_reproduce_each_layer_output(mode, pos):
+    """Every mode's dense (B, H, L, L) weights, applied to the values, give the layer's output: exact for
+    the softmax modes and local (window band), within the kernel's 1e-6 normaliser for causal lowrank.
+    A left-padded row: padding keys get no weight and real rows sum to 1; float64 stays finite."""
+    torch.manual_seed(0)
+    model = HfAttnForCausalLM(tiny_config(mode, pos, output_attentions_layout="dense")).double().eval()
+    ids = torch.randint(1, 97, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for weights, heads, values in _dense_and_heads(model, ids, mask):
+        assert weights.shape == (2, 4, 13, 13)
+        groups = heads.shape[1] // values.shape[1]
+        applied = weights @ values.repeat_interleave(groups, dim=1)
+        tol = 1e-4 if mode == "lowrank" else 1e-10
+        torch.testing.assert_close(applied[1], heads[1], rtol=tol, atol=tol)
+        torch.testing.assert_close(applied[0, :, 3:], heads[0, :, 3:], rtol=tol, atol=tol)
+        real = [weights[1], weights[0, :, 3:, 3:]]  # (padding query rows are not defined)
+        assert all((r.triu(1) == 0).all() for r in real) and (weights[0, :, 3:, :3] == 0).all()
+        torch.testing.assert_close(weights[0, :, 3:].sum(-1), torch.ones(4, 10, dtype=weights.dtype))
+        if mode == "local":
+            w = model.config.sliding_window
+            assert all((r.tril(-w) == 0).all() for r in real)  # nothing beyond the window
+
+
+def test_dense_layout_of_bidirectional_lowrank_reproduces_the_output():
+    torch.manual_seed(1)
+    model = HfAttnModel(tiny_config("lowrank", is_causal=False, output_attentions_layout="dense")).double().eval()
+    ids = torch.randint(1, 97, (2, 10))
+    for weights, heads, values in _dense_and_heads(model, ids):
+        assert weights.shape == (2, 4, 10, 10)
+        applied = weights @ values.repeat_interleave(heads.shape[1] // values.shape[1], dim=1)
+        torch.testing.assert_close(applied, heads, rtol=1e-10, atol=1e-10)
+
+
+def test_native_layout_is_the_default_and_unchanged():
+    ids = torch.randint(1, 97, (1, 9))
+    local = HfAttnForCausalLM(tiny_config("local")).eval()
+    with torch.no_grad():
+        blocked = local(input_ids=ids, output_attentions=True).attentions[0]
+        local.config.output_attentions_layout = "dense"
+        dense = local(input_ids=ids, output_attentions=True).attentions[0]
+    assert blocked.dim() == 5 and dense.shape == (1, 4, 9, 9)
+    torch.testing.assert_close(local_blocks_to_dense(blocked, 9), dense)
+    lowrank = HfAttnForCausalLM(tiny_config("lowrank")).eval()
+    with torch.no_grad():
+        assert lowrank(input_ids=ids, output_attentions=True).attentions[0] is None
+
+
+def test_dense_layout_of_lowrank_refuses_a_cache_with_a_past():
+    model = HfAttnForCausalLM(tiny_config("lowrank", output_attentions_layout="dense")).eval()
+    ids = torch.randint(1, 97, (1, 6))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values
+        with pytest.raises(ValueError, match="output_attentions_layout"):
+            model(input_ids=ids[:, :1], output_attentions=True, use_cache=True,
+                  **{"cache" if "cache" in out else "past_key_values": cache})

@@ -107,3 +107,47 @@ def test_dynamic_ntk_scales_by_the_sequence_length_cache_included():
         torch.testing.assert_close(step[1], whole[1][:, -1:])
     plain = rotary()(last, torch.float32)
     torch.testing.assert_close(dynamic(last, torch.float32, seq_len=torch.tensor(128))[0], plain[0])
+
+
+def test_rotation_tables_are_built_once_per_pair_and_follow_in_place_changes():
+    """Every layer of a forward passes the same (cos, sin): the per-head tables are built from it once
+    and reused (same objects); an in-place change of cos builds them anew, and a pair of fresh
+    tensors gets its own."""
+    from hf_attn.attention_rope import _head_tables, _RotatePair
+
+    torch.manual_seed(0)
+    cos, sin = rotary()(torch.arange(5)[None], torch.float32)  # (1, L, D)
+    q = torch.randn(2, 5, 4, 8).transpose(1, 2)
+    k = torch.randn(2, 5, 2, 8).transpose(1, 2)
+    first = _head_tables(cos, sin, 4)
+    assert all(a is b for a, b in zip(first, _head_tables(cos, sin, 4)))
+    assert first[0].shape == (1, 4, 5, 8) and first[1].shape == (1, 4, 5, 4)
+    torch.testing.assert_close(first[0], cos[:, None].expand(1, 4, 5, 8), rtol=0, atol=0)
+    torch.testing.assert_close(first[1], sin[:, None, :, :4].expand(1, 4, 5, 4), rtol=0, atol=0)
+    before = apply_rotary(q, k, cos, sin)
+    cos.mul_(-1)  # cos and sin of the angle + pi: every output flips sign
+    sin.mul_(-1)
+    after = apply_rotary(q, k, cos, sin)
+    assert not any(a is b for a, b in zip(first, _head_tables(cos, sin, 4)))
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b, -a, rtol=0, atol=0)
+    fresh = apply_rotary(q, k, cos.clone(), sin.clone())
+    for a, b in zip(after, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the broadcast (one-head) tables other devices get rotate the same
+    broadcast = _RotatePair.apply(q, k, cos[:, None], sin[:, None, :, :4])
+    for a, b in zip(after, broadcast):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rope_model_under_inference_mode_matches_no_grad():
+    """Inference tensors keep no version counter: their rotation tables are built per call, with the
+    same logits as under no_grad."""
+    torch.manual_seed(0)
+    model = HfAttnForCausalLM(tiny_config("rope")).eval()
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+    with torch.inference_mode():
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -207,9 +207,9 @@ def test_lent_local_targets_from_rows():
 
 def test_chunked_loss_memory_targets_from_rows():
     def rows(local: float, lowrank: float) -> list[dict]:
-        return [make_row("model", "ours_local_full_logits", seq_len=16384, time_s=1.0, peak_mem_bytes=1000.0),
+        return [make_row("model", "ours_local_unfused", seq_len=16384, time_s=1.0, peak_mem_bytes=1000.0),
                 make_row("model", "ours_local", seq_len=16384, time_s=1.0, peak_mem_bytes=local),
-                make_row("model", "ours_lowrank_full_logits", seq_len=16384, time_s=1.0, peak_mem_bytes=1000.0),
+                make_row("model", "ours_lowrank_unfused", seq_len=16384, time_s=1.0, peak_mem_bytes=1000.0),
                 make_row("model", "ours_lowrank", seq_len=16384, time_s=1.0, peak_mem_bytes=lowrank)]
 
     targets = {t.name: t for t in report.evaluate_targets(rows(400.0, 600.0), 256, 4)}
@@ -218,13 +218,13 @@ def test_chunked_loss_memory_targets_from_rows():
     assert targets["lowrank_model_memory_chunked_loss"].verdict == "FAIL"
 
 
-def test_full_logits_variants_differ_only_in_the_loss():
+def test_unfused_variants_differ_only_in_the_loss():
     from hf_attn.benchmark.ours import our_config
 
     for mode in ("local", "lowrank"):
-        chunked, full = our_config(mode, TINY), our_config(f"{mode}_full_logits", TINY)
-        assert full.loss_chunk_size == 0 and chunked.loss_chunk_size > 0
-        assert {**full.to_dict(), "loss_chunk_size": chunked.loss_chunk_size} == chunked.to_dict()
+        chunked, full = our_config(mode, TINY), our_config(f"{mode}_unfused", TINY)
+        assert (full.loss_chunk_size, full.fused_ops) == (0, False) and chunked.loss_chunk_size > 0 and chunked.fused_ops
+        assert {**full.to_dict(), "loss_chunk_size": chunked.loss_chunk_size, "fused_ops": True} == chunked.to_dict()
 
 
 # --- the whole pipeline at tiny sizes --------------------------------------------------------

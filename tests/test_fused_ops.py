@@ -240,3 +240,41 @@ def test_stacked_qkv_projection_equals_module_calls_and_hooks_still_fire():
     torch.testing.assert_close(stacked.logits, called.logits, rtol=1e-12, atol=1e-12)
     for name in g_called:
         torch.testing.assert_close(g_stacked[name], g_called[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fused_ops_off_records_plain_ops_with_the_same_results():
+    """``fused_ops=False``: no custom autograd function in the graph (so double backward works), and the
+    same loss and gradients as the fused default."""
+    torch.manual_seed(5)
+    model = HfAttnForCausalLM(tiny_config("local")).double()
+    ids = torch.randint(1, 97, (2, 11))
+    fused, g_fused = _loss_and_grads(model, ids, ids, 4)
+    model.config.fused_ops = False
+    plain, g_plain = _loss_and_grads(model, ids, ids, 0)
+    # (the unchunked loss is transformers' ForCausalLMLoss, which takes float32 logits)
+    torch.testing.assert_close(fused.loss.float(), plain.loss)
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    names = set()
+
+    def walk(fn):
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            names.add(type(fn).__name__)
+            for next_fn, _ in fn.next_functions:
+                walk(next_fn)
+
+    seen = set()
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    walk(out.loss.grad_fn)
+    assert not any(n.startswith(("_RMSNorm", "_SiluMul", "_LinearCrossEntropy")) for n in names), names
+    # double backward through the plain graph
+    weight = model.model.layers[0].mlp.down_proj.weight
+    (grad,) = torch.autograd.grad(out.loss, weight, create_graph=True)
+    (grad2,) = torch.autograd.grad(grad.square().sum(), weight)
+    assert torch.isfinite(grad2).all() and grad2.abs().sum() > 0
+
+
+def test_fused_ops_is_validated():
+    with pytest.raises(ValueError, match="fused_ops"):
+        tiny_config(fused_ops="yes")

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_attn.attention_local import local_blocks_to_dense  # noqa: F401  (re-exported: analysis API)
 from hf_attn.attention_lowrank import _EPS as _KERNEL_EPS  # the causal kernel's normaliser epsilon
-from hf_attn.attention_lowrank import feature_factors
+from hf_attn.attention_lowrank import lowrank_features
 from hf_attn.attention_rope import apply_rotary
 
 # Pixels per inch of the saved grid; with sizes in tenths of an inch the PNG size is exact.
@@ -60,37 +61,6 @@ class AttentionMaps:
 def _base_model(model: nn.Module) -> nn.Module:
     """The bare ``HfAttnModel`` of a model with a head (``.model``), or the model itself."""
     return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-
-
-def local_blocks_to_dense(weights: torch.Tensor, query_length: int, cached: int = 0) -> torch.Tensor:
-    """Blocked local weights (B, H, n_blocks, w, span) -> dense (B, H, Lq, cached + Lq), zeros off the band.
-
-    ``span`` is 2w (causal) or 3w (bidirectional); both lay keys out the same way: query r of block
-    b is query ``b * w + r`` and span offset s is key ``b * w + s - w + cached``. Offsets that fall
-    on the zero keys padded around the sequence, and rows past ``query_length``, are dropped.
-
-    Raises:
-        ValueError: if ``weights`` is not 5-D with span a multiple (2 or 3) of the block size, or the
-            blocks do not cover ``query_length`` queries.
-    """
-    if weights.dim() != 5:
-        raise ValueError(f"weights: expected blocked local weights (B, H, n_blocks, w, span), got {tuple(weights.shape)}")
-    b, h, n_blocks, w, span = weights.shape
-    if span not in (2 * w, 3 * w):
-        raise ValueError(f"weights: span {span} is neither 2w nor 3w for block size w={w}")
-    if not (n_blocks - 1) * w < query_length <= n_blocks * w:
-        raise ValueError(f"query_length={query_length} does not fit {n_blocks} blocks of {w} queries")
-    if not 0 <= cached < w:
-        raise ValueError(f"cached={cached}: expected 0 <= cached < w={w}")
-    key_length = cached + query_length
-    device = weights.device
-    block = torch.arange(n_blocks, device=device)[:, None, None]
-    query = (block * w + torch.arange(w, device=device)[None, :, None]).expand(n_blocks, w, span)
-    key = (block * w + torch.arange(span, device=device)[None, None, :] - w + cached).expand(n_blocks, w, span)
-    valid = (query < query_length) & (key >= 0) & (key < key_length)  # (n_blocks, w, span)
-    dense = weights.new_zeros(b, h, query_length, key_length)
-    dense[:, :, query[valid], key[valid]] = weights[:, :, valid]
-    return dense
 
 
 @dataclass
@@ -146,20 +116,6 @@ def capture_attention_inputs(model: nn.Module, input_ids: torch.Tensor) -> list[
         out = store["o_in"].view(b, length, -1, d).transpose(1, 2)  # (B, H, L, D)
         captures.append(LayerCapture(q, k, v, out))
     return captures
-
-
-def lowrank_features(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The k-slot feature map phi of a causal low-rank attention module, as its kernel computes it:
-    the module's ``feature_map`` logits, one softmax per factor (``feature_factors``), and their outer
-    product flattened (``"product"`` map) or the single softmax (``"softmax"`` map).
-    (..., D) -> (..., k), float32."""
-    weight_dtype = next(attn.feature_map.parameters()).dtype
-    logits = attn.feature_map(x.to(weight_dtype)).float()
-    factors = [torch.softmax(part, dim=-1) for part in logits.split(feature_factors(attn.config), dim=-1)]
-    if len(factors) == 1:
-        return factors[0]
-    a, b = factors
-    return (a[..., :, None] * b[..., None, :]).flatten(-2)
 
 
 @torch.no_grad()

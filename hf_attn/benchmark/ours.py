@@ -13,9 +13,10 @@ from .spec import BenchSpec, SmallSpec
 # Benchmark cases that are a mode with a non-default setting: case name -> (mode, config overrides).
 MODE_VARIANTS: dict[str, tuple[str, dict]] = {
     "lowrank_softmax": ("lowrank", {"lowrank_feature_map": "softmax"}),  # the default is "product"
-    # the LM loss over the full (n x vocab) logits, as before hf_attn 0.4 (default: chunks of 1024 tokens)
-    "local_full_logits": ("local", {"loss_chunk_size": 0}),
-    "lowrank_full_logits": ("lowrank", {"loss_chunk_size": 0}),
+    # the LM loss over the full (n x vocab) logits and plain (unfused) ops: what hf_attn 0.3 ran
+    # (default since 0.4: the loss in chunks of 1024 tokens, fused RMSNorm / SwiGLU / q,k,v)
+    "local_unfused": ("local", {"loss_chunk_size": 0, "fused_ops": False}),
+    "lowrank_unfused": ("lowrank", {"loss_chunk_size": 0, "fused_ops": False}),
 }
 
 

@@ -71,7 +71,7 @@ SECTIONS = ("attention", "kernel", "scaling", "model", "generation", "train", "s
 DEFAULT_SECTIONS = SECTIONS[:-2]
 # the four attention modes, plus lowrank with the softmax feature map, and local / lowrank with the loss
 # over full logits (ours.MODE_VARIANTS; the last two only where named: they differ only in the LM loss)
-ATTENTION_MODES = ("eager", "local", "lowrank", "rope", "lowrank_softmax", "local_full_logits", "lowrank_full_logits")
+ATTENTION_MODES = ("eager", "local", "lowrank", "rope", "lowrank_softmax", "local_unfused", "lowrank_unfused")
 DEFAULT_MODES = ATTENTION_MODES[:5]
 OURS_PREFIX = "ours_"
 # References that form the (B, H, n, n) scores in every layer: their memory is estimated before running.
@@ -298,7 +298,7 @@ def _layer_step_maker(opts: RunOptions, spec: BenchSpec) -> Callable[[nn.Module,
     return make_step
 
 
-LINEAR_MODES = ("local", "lowrank", "lowrank_softmax", "local_full_logits", "lowrank_full_logits")
+LINEAR_MODES = ("local", "lowrank", "lowrank_softmax", "local_unfused", "lowrank_unfused")
 
 
 def bench_scaling(opts: RunOptions, spec: BenchSpec, log: Log = print) -> list[dict]:
