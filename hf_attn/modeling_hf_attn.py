@@ -126,11 +126,13 @@ class HfAttnAttention(nn.Module):
         return self.spec.kernel, "eager" if impl == "eager" else "sdpa"
 
     def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections (B, L, H*D), (B, L, Hkv*D) x 2. When all three are plain bias-free
-        ``nn.Linear`` modules (no hooks, adapters or offload: ``plain_linear``), one matmul with their
-        weights stacked; otherwise each module is called, so hooks and adapters see every call."""
+        """q, k, v projections (B, L, H*D), (B, L, Hkv*D) x 2. While training (gradients recorded) with
+        three plain bias-free ``nn.Linear`` modules (no hooks, adapters or offload: ``plain_linear``),
+        one matmul with their weights stacked (one node, one weight-gradient matmul); otherwise, and
+        always in inference (where stacking would copy the weights for every decoded token), each
+        module is called, so hooks and adapters see every call."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if _fused(self.config) and all(plain_linear(p) for p in projections):
+        if torch.is_grad_enabled() and _fused(self.config) and all(plain_linear(p) for p in projections):
             weight = torch.cat([p.weight for p in projections])
             return F.linear(hidden_states, weight).split([p.out_features for p in projections], dim=-1)
         return tuple(p(hidden_states) for p in projections)

@@ -242,6 +242,30 @@ def test_stacked_qkv_projection_equals_module_calls_and_hooks_still_fire():
         torch.testing.assert_close(g_stacked[name], g_called[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+
+def test_inference_never_stacks_qkv_weights():
+    """Stacking copies the three weights (torch.cat); in inference that would happen for every decoded
+    token, so only a forward that records gradients stacks them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCat(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.cats = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.cats += func is torch.ops.aten.cat.default
+            return func(*args, **(kwargs or {}))
+
+    model = HfAttnForCausalLM(tiny_config("eager"))
+    ids = torch.randint(1, 97, (1, 6))
+    with torch.no_grad(), CountCat() as inference:
+        model(input_ids=ids, use_cache=False)
+    with CountCat() as training:
+        model(input_ids=ids, labels=ids, use_cache=False)
+    assert inference.cats == 0 and training.cats == model.config.num_hidden_layers
+
+
 def test_fused_ops_off_records_plain_ops_with_the_same_results():
     """``fused_ops=False``: no custom autograd function in the graph (so double backward works), and the
     same loss and gradients as the fused default."""
