@@ -17,7 +17,8 @@ Cost: O(n * D). Positions the model made itself (each below the sequence length)
 table, sized from ``max_position_embeddings`` and doubled only for longer sequences; the caller's
 position ids (any values) and traced graphs get angles computed from the ids, as transformers does.
 The rotation (``apply_rotary``) rotates q and k in one autograd node; on the CPU it reads cos/sin
-written out per head (B, H, L, 1.5 D floats), built once per forward from the pair every layer gets.
+written out per head (B, H, L, 1.5 D floats, ``rotary_head_tables``), which the model builds once per
+forward and hands to every layer.
 Limits: dynamic NTK changes every position's angle once the length passes the trained length, so
 keys cached before that point were rotated with the old base (as in other dynamic-NTK implementations).
 """
@@ -26,19 +27,21 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, H, L, D) and k (B, Hkv, L, D) with cos/sin (B, L, D) as ``HfAttnRotary`` builds
-    them (both halves of the last axis equal): ``x * cos + rotate_half(x) * sin``."""
+    """Rotate q (B, H, L, D) and k (B, Hkv, L, D): ``x * cos + rotate_half(x) * sin``. cos/sin are
+    (B, L, D) as ``HfAttnRotary`` builds them (both halves of the last axis equal), or the per-head
+    tables ``rotary_head_tables`` makes of them (4-D: built once, shared by every layer)."""
     if torch.compiler.is_compiling():
         # torch.compile / torch.export: the plain formula, which the compiler fuses itself (the eager
-        # kernel's ``out=`` writes into strided halves are not traceable)
+        # kernel's in-place writes into strided halves are not traceable); the model passes (B, L, D)
         half = cos.shape[-1] // 2
         cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, L, D/2)
         return _rotated(q, cos, sin), _rotated(k, cos, sin)
-    return _RotatePair.apply(q, k, *_head_tables(cos, sin, max(q.shape[1], k.shape[1])))
+    if cos.dim() == 3:
+        cos, sin = rotary_head_tables(cos, sin, max(q.shape[1], k.shape[1]))
+    return _RotatePair.apply(q, k, cos, sin)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -48,12 +51,7 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-# cos -> (sin, their versions, heads, cos table, sin table) of the tables built from it: every layer
-# of a forward gets the same (cos, sin) pair, so they are built once per forward and dropped with it
-_HEAD_TABLES = WeakIdKeyDictionary()
-
-
-def _head_tables(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_head_tables(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos (B, L, D) and the first half of sin as (B, heads, L, D) and (B, heads, L, D/2) tables.
 
     On the CPU they are written out per head, in the (B, L, heads, .) order of the projections'
@@ -63,18 +61,9 @@ def _head_tables(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tuple[torc
     half = cos.shape[-1] // 2
     if cos.device.type != "cpu":
         return cos[:, None], sin[:, None, :, :half]
-    # an in-place change of cos or sin builds them anew; inference tensors keep no version, so
-    # theirs are not kept
-    kept = not (cos.is_inference() or sin.is_inference())
-    versions = (cos._version, sin._version) if kept else None
-    entry = _HEAD_TABLES.get(cos) if kept else None
-    if entry is not None and entry[0] is sin and entry[1] == versions and entry[2] >= heads:
-        return entry[3], entry[4]
     b, length, width = cos.shape
     cos_t = cos[:, :, None].expand(b, length, heads, width).contiguous().transpose(1, 2)
     sin_t = sin[:, :, None, :half].expand(b, length, heads, half).contiguous().transpose(1, 2)
-    if kept:
-        _HEAD_TABLES[cos] = (sin, versions, heads, cos_t, sin_t)  # nothing in it refers to cos
     return cos_t, sin_t
 
 

@@ -109,26 +109,36 @@ def test_dynamic_ntk_scales_by_the_sequence_length_cache_included():
     torch.testing.assert_close(dynamic(last, torch.float32, seq_len=torch.tensor(128))[0], plain[0])
 
 
-def test_rotation_tables_are_built_once_per_pair_and_follow_in_place_changes():
-    """Every layer of a forward passes the same (cos, sin): the per-head tables are built from it once
-    and reused (same objects); an in-place change of cos builds them anew, and a pair of fresh
-    tensors gets its own."""
-    from hf_attn.attention_rope import _head_tables, _RotatePair
+def test_rotation_tables_are_built_once_per_forward_and_follow_in_place_changes():
+    """The model builds the per-head tables once per forward and every layer gets the same objects;
+    ``apply_rotary`` on (B, L, D) cos/sin builds them itself, so an in-place change of cos/sin is
+    always seen and a pair of fresh tensors rotates the same."""
+    from hf_attn.attention_rope import _RotatePair, rotary_head_tables
+    from hf_attn.modeling_hf_attn import HfAttnModel
+
+    model = HfAttnModel(tiny_config("rope"))
+    seen = []
+    for layer in model.layers:
+        layer.self_attn.register_forward_pre_hook(lambda m, args: seen.append(args[3]))
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 97, (2, 6)))
+    assert len(seen) == 2 and all(a is b for a, b in zip(*seen))  # the same tables in both layers
+    assert seen[0][0].shape == (1, 4, 6, 8) and seen[0][1].shape == (1, 4, 6, 4)
 
     torch.manual_seed(0)
     cos, sin = rotary()(torch.arange(5)[None], torch.float32)  # (1, L, D)
     q = torch.randn(2, 5, 4, 8).transpose(1, 2)
     k = torch.randn(2, 5, 2, 8).transpose(1, 2)
-    first = _head_tables(cos, sin, 4)
-    assert all(a is b for a, b in zip(first, _head_tables(cos, sin, 4)))
+    first = rotary_head_tables(cos, sin, 4)
     assert first[0].shape == (1, 4, 5, 8) and first[1].shape == (1, 4, 5, 4)
     torch.testing.assert_close(first[0], cos[:, None].expand(1, 4, 5, 8), rtol=0, atol=0)
     torch.testing.assert_close(first[1], sin[:, None, :, :4].expand(1, 4, 5, 4), rtol=0, atol=0)
     before = apply_rotary(q, k, cos, sin)
+    for a, b in zip(before, apply_rotary(q, k, *first)):  # prebuilt tables rotate the same
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     cos.mul_(-1)  # cos and sin of the angle + pi: every output flips sign
     sin.mul_(-1)
     after = apply_rotary(q, k, cos, sin)
-    assert not any(a is b for a, b in zip(first, _head_tables(cos, sin, 4)))
     for a, b in zip(before, after):
         torch.testing.assert_close(b, -a, rtol=0, atol=0)
     fresh = apply_rotary(q, k, cos.clone(), sin.clone())
