@@ -152,6 +152,14 @@ def lowrank_features(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (a[..., :, None] * b[..., None, :]).flatten(-2)
 
 
+def lowrank_scores(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Unnormalised causal scores (B, H, L, L) of one call: ``phi(q_i) . phi(k_j)`` for j <= i, else 0
+    (non-negative); keys repeated to the query heads. O(L^2 * k) time, O(L^2) memory."""
+    groups = query.shape[1] // key.shape[1]
+    fk = lowrank_features(module, key).repeat_interleave(groups, dim=1)  # (B, H, L, k)
+    return (lowrank_features(module, query) @ fk.transpose(-1, -2)).tril()
+
+
 def lowrank_dense_weights(module: nn.Module, weights: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
                           value: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                           **kwargs) -> torch.Tensor:
@@ -169,9 +177,7 @@ def lowrank_dense_weights(module: nn.Module, weights: torch.Tensor | None, query
         if attention_mask is not None:
             f = f * attention_mask[:, None, :].to(f.dtype)
         return torch.matmul(weights, f[:, None])  # (B, H, L, k) @ (B or 1, 1, k, L)
-    groups = query.shape[1] // key.shape[1]
-    scores = lowrank_features(module, query) @ lowrank_features(module, key).repeat_interleave(groups, dim=1).transpose(-1, -2)
-    scores = scores.tril()  # (B, H, L, L), non-negative
+    scores = lowrank_scores(module, query, key)
     if attention_mask is not None:
         scores = scores * attention_mask[:, None, None, :].to(scores.dtype)
     return (scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)).to(query.dtype)

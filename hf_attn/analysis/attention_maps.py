@@ -32,7 +32,8 @@ from torch import nn
 
 from hf_attn.attention_local import local_blocks_to_dense  # noqa: F401  (re-exported: analysis API)
 from hf_attn.attention_lowrank import _EPS as _KERNEL_EPS  # the causal kernel's normaliser epsilon
-from hf_attn.attention_lowrank import lowrank_features
+from hf_attn.attention_lowrank import lowrank_features  # noqa: F401  (re-exported: analysis API)
+from hf_attn.attention_lowrank import lowrank_scores as layer_lowrank_scores
 from hf_attn.attention_rope import apply_rotary
 
 # Pixels per inch of the saved grid; with sizes in tenths of an inch the PNG size is exact.
@@ -120,12 +121,9 @@ def capture_attention_inputs(model: nn.Module, input_ids: torch.Tensor) -> list[
 
 @torch.no_grad()
 def lowrank_scores(attn: nn.Module, capture: LayerCapture) -> torch.Tensor:
-    """Unnormalised causal low-rank scores (B, H, L, L): ``phi(q_i) . phi(k_j)`` for j <= i, else 0.
-    O(L^2 * k) time, O(L^2) memory."""
-    groups = capture.query.shape[1] // capture.key.shape[1]
-    fq = lowrank_features(attn, capture.query)  # (B, H, L, k)
-    fk = lowrank_features(attn, capture.key).repeat_interleave(groups, dim=1)  # (B, H, L, k)
-    return (fq @ fk.transpose(-1, -2)).tril()  # non-negative
+    """Unnormalised causal low-rank scores (B, H, L, L) of a captured layer: ``phi(q_i) . phi(k_j)``
+    for j <= i, else 0 (``attention_lowrank.lowrank_scores``, which the model's dense weights use)."""
+    return layer_lowrank_scores(attn, capture.query, capture.key)
 
 
 def implied_lowrank_attention(attn: nn.Module, capture: LayerCapture) -> torch.Tensor:
