@@ -15,13 +15,15 @@ from transformers import GenerationConfig, PretrainedConfig
 
 # Version of the config format this code writes; a config written by a newer hf_attn may carry
 # fields this code does not know, and loading it raises instead of silently ignoring them.
-HF_ATTN_VERSION = "0.4.0"
+HF_ATTN_VERSION = "0.5.0"
 
 # The single source of truth for the modes; the registry test checks this equals the registry keys.
 ATTENTION_MODES = ("eager", "local", "lowrank", "rope")
 POSITION_EMBEDDING_TYPES = ("absolute", "rope")
 ROPE_TYPES = ("default", "linear", "dynamic")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_new", "relu")
+NORM_TYPES = ("rmsnorm", "layernorm")
+MLP_TYPES = ("gated", "plain")
 LOWRANK_FEATURE_MAPS = ("product", "softmax")
 ATTENTIONS_LAYOUTS = ("native", "dense")
 
@@ -88,12 +90,17 @@ class HfAttnConfig(PretrainedConfig):
         num_attention_heads: Query heads; must divide ``hidden_size``.
         num_key_value_heads: Key/value heads for grouped-query attention; must divide
             ``num_attention_heads``. ``None`` means multi-head attention (same as query heads).
-        intermediate_size: Width of the SwiGLU MLP. ``None`` means ``4 * hidden_size``.
-        hidden_act: Gate activation of the MLP, one of ``HIDDEN_ACTS``.
+        intermediate_size: Width of the MLP. ``None`` means ``4 * hidden_size``.
+        hidden_act: Activation of the MLP (of its gate when ``mlp_type="gated"``), one of ``HIDDEN_ACTS``.
+        mlp_type: ``"gated"`` (default): ``down(act(gate(x)) * up(x))``, SwiGLU with ``hidden_act="silu"``,
+            gate and up stored as one ``gate_up_proj``; ``"plain"``: ``down(act(up(x)))``, the classic
+            GPT-2 feed-forward (``up_proj``, ``down_proj``).
+        norm_type: ``"rmsnorm"`` (default) or ``"layernorm"`` (bias-free LayerNorm, as in a GPT with
+            ``bias=False``); both computed in float32.
         max_position_embeddings: Longest sequence the absolute position table (and the bidirectional
             Linformer projection) covers; for rotary positions it is the trained context length that
             rope scaling extends.
-        rms_norm_eps: Epsilon of the RMSNorm layers.
+        rms_norm_eps: Epsilon of the norm layers (RMSNorm or LayerNorm, see ``norm_type``).
         initializer_range: Std of the normal weight initialisation.
         hidden_dropout: Dropout on the residual branches.
         attention_dropout: Dropout on attention probabilities (modes that form them).
@@ -155,6 +162,8 @@ class HfAttnConfig(PretrainedConfig):
         num_key_value_heads: int | None = None,
         intermediate_size: int | None = None,
         hidden_act: str = "silu",
+        mlp_type: str = "gated",
+        norm_type: str = "rmsnorm",
         max_position_embeddings: int = 2048,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
@@ -189,6 +198,8 @@ class HfAttnConfig(PretrainedConfig):
         self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
         self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         self.hidden_act = hidden_act
+        self.mlp_type = mlp_type
+        self.norm_type = norm_type
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
@@ -307,6 +318,10 @@ class HfAttnConfig(PretrainedConfig):
                   "'rope' or None with attention_mode='rope'")
         if self.hidden_act not in HIDDEN_ACTS:
             _fail("hidden_act", self.hidden_act, f"one of {list(HIDDEN_ACTS)}")
+        if self.mlp_type not in MLP_TYPES:
+            _fail("mlp_type", self.mlp_type, f"one of {list(MLP_TYPES)}")
+        if self.norm_type not in NORM_TYPES:
+            _fail("norm_type", self.norm_type, f"one of {list(NORM_TYPES)}")
         for name in ("hidden_dropout", "attention_dropout"):
             _check_prob(name, getattr(self, name))
         if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) \

@@ -74,17 +74,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool) -> 
 _ROWS = 2048  # rows per slice of the SwiGLU backward: bounds its temporaries to (rows, I)
 
 
-def _silu_mul_grad(gate_up: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, grad_is_scratch: bool = False) -> torch.Tensor:
+def _silu_mul_grad(gate_up: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, grad_is_scratch: bool = False,
+                   silu: torch.Tensor | None = None) -> torch.Tensor:
     """Write d(silu(gate) * up)/d[gate | up] for ``grad`` into ``out`` (both (rows, 2I)); return the
     product ``silu(gate) * up`` (the ``down_proj`` weight gradient needs it). ``grad_is_scratch``:
-    ``grad`` is a temporary of the caller and may be overwritten."""
+    ``grad`` is a temporary of the caller and may be overwritten. ``silu``: ``silu(gate)`` kept by
+    the forward (read, never written), else recomputed here."""
     gate, up = gate_up.chunk(2, dim=-1)
     grad_gate, grad_up = out.chunk(2, dim=-1)
-    silu = F.silu(gate)
+    if silu is None:
+        silu = F.silu(gate)
+        product = silu
+    else:
+        product = torch.empty_like(silu)
     torch.mul(grad, silu, out=grad_up)
     grad_silu = grad.mul_(up) if grad_is_scratch else grad * up
     torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=grad_gate)  # one fused kernel
-    return silu.mul_(up)
+    return torch.mul(silu, up, out=product)
 
 
 class _SiluMul(torch.autograd.Function):
@@ -113,22 +119,30 @@ class _SiluMulLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        ctx.save_for_backward(gate_up, weight)
-        return F.linear(F.silu(gate) * up, weight)
+        silu = F.silu(gate)
+        out = F.linear(silu * up, weight)
+        if gate_up.numel() <= _ROWS * gate_up.shape[-1]:
+            # One slice: keeping silu(gate) costs no more than the slice temporary the backward
+            # allocates anyway, and spares its recomputation.
+            ctx.save_for_backward(gate_up, weight, silu)
+        else:
+            ctx.save_for_backward(gate_up, weight)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        gate_up, weight = ctx.saved_tensors
+        gate_up, weight, *kept = ctx.saved_tensors
         rows_in, rows_grad = gate_up.reshape(-1, gate_up.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        silu = kept[0].reshape(-1, kept[0].shape[-1]) if kept else None
         grad_gate_up = torch.empty_like(rows_in) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for s in range(0, rows_in.shape[0], _ROWS):
             g = rows_grad[s:s + _ROWS]
             if grad_gate_up is not None:
-                product = _silu_mul_grad(rows_in[s:s + _ROWS], g @ weight, grad_gate_up[s:s + _ROWS], True)
+                product = _silu_mul_grad(rows_in[s:s + _ROWS], g @ weight, grad_gate_up[s:s + _ROWS], True, silu)
             else:
                 gate, up = rows_in[s:s + _ROWS].chunk(2, dim=-1)
-                product = F.silu(gate) * up
+                product = (F.silu(gate) if silu is None else silu) * up
             if grad_weight is not None:
                 grad_weight.addmm_(g.t(), product)
         return (grad_gate_up.view_as(gate_up) if grad_gate_up is not None else None), grad_weight

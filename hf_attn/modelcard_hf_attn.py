@@ -283,12 +283,17 @@ def _template_values(config: Any, data: Mapping[str, Any], model_name: str, pipe
         task = "causal language model" if causal else "language model"
     else:
         head, task = "no task head (hidden states out)", "encoder body"
+    norm_name = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[getattr(config, "norm_type", "rmsnorm")]
+    if getattr(config, "mlp_type", "gated") == "plain":
+        mlp_name = f"MLP[{config.hidden_act}]"
+    else:
+        mlp_name = "SwiGLU" if config.hidden_act == "silu" else f"GatedMLP[{config.hidden_act}]"
     architecture = {
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
-        "intermediate_size (SwiGLU)": config.intermediate_size,
+        f"intermediate_size ({mlp_name})": config.intermediate_size,
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.max_position_embeddings,
         "position_embedding_type": config.position_embedding_type,
@@ -308,6 +313,8 @@ def _template_values(config: Any, data: Mapping[str, Any], model_name: str, pipe
         "model_name": model_name,
         "task_summary": task,
         "attention_mode": mode,
+        "norm_name": norm_name,
+        "mlp_name": mlp_name,
         "load_example": _load_example(data.get("repo_id") or model_name, pipeline_tag),
         "head_summary": head,
         "architecture_rows": _table(architecture),

@@ -1,5 +1,6 @@
-"""The hf_attn transformer: a pre-norm decoder (RMSNorm, SwiGLU MLP) whose attention is chosen by
-``config.attention_mode`` through the attention registry.
+"""The hf_attn transformer: a pre-norm decoder (RMSNorm and SwiGLU MLP by default; LayerNorm and the
+plain GPT MLP on request) whose attention is chosen by ``config.attention_mode`` through the
+attention registry.
 
 Classes in dependency order: norm -> MLP -> attention -> block -> pretrained base -> model -> heads.
 Tensor shapes: B batch, L new tokens, T = past + L tokens, H query heads, Hkv key/value heads, D head dim.
@@ -71,8 +72,33 @@ class HfAttnRMSNorm(nn.Module):
         return rms_norm(hidden_states, self.weight, self.eps, fused=_fused(self.config))
 
 
+class HfAttnLayerNorm(nn.Module):
+    """Bias-free layer norm (``norm_type="layernorm"``), computed in float32 by torch's fused kernel."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, config: HfAttnConfig | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        if dtype is torch.float32 and self.weight.dtype is torch.float32:
+            return F.layer_norm(hidden_states, (hidden_states.shape[-1],), self.weight, None, self.eps)
+        acc = torch.promote_types(dtype, torch.float32)
+        out = F.layer_norm(hidden_states.to(acc), (hidden_states.shape[-1],), self.weight.to(acc), None, self.eps)
+        return out.to(dtype)
+
+
+NORMS = {"rmsnorm": HfAttnRMSNorm, "layernorm": HfAttnLayerNorm}
+
+
+def build_norm(config: HfAttnConfig) -> nn.Module:
+    """The norm layer ``config.norm_type`` names, over ``hidden_size``."""
+    return NORMS[config.norm_type](config.hidden_size, config.rms_norm_eps, config)
+
+
 class HfAttnMLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer, 2020); gate and up projections stored as one ``gate_up_proj``
+    """Gated feed-forward (``mlp_type="gated"``; SwiGLU, Shazeer 2020, with ``hidden_act="silu"``) (Shazeer, 2020); gate and up projections stored as one ``gate_up_proj``
     module (its output's two halves), so hooks and adapters (LoRA) on it see every call."""
 
     def __init__(self, config: HfAttnConfig) -> None:
@@ -89,6 +115,22 @@ class HfAttnMLP(nn.Module):
             return silu_mul_linear(gate_up, self.down_proj, fused=_fused(self.config))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
+
+
+class HfAttnPlainMLP(nn.Module):
+    """The classic GPT feed-forward (``mlp_type="plain"``): ``down_proj(act(up_proj(x)))``."""
+
+    def __init__(self, config: HfAttnConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+MLPS = {"gated": HfAttnMLP, "plain": HfAttnPlainMLP}
 
 
 class HfAttnAttention(nn.Module):
@@ -196,10 +238,10 @@ class HfAttnDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: HfAttnConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        self.input_layernorm = build_norm(config)
         self.self_attn = HfAttnAttention(config, layer_idx)
-        self.post_attention_layernorm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps, config)
-        self.mlp = HfAttnMLP(config)
+        self.post_attention_layernorm = build_norm(config)
+        self.mlp = MLPS[config.mlp_type](config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -378,7 +420,7 @@ def _structural_fields(config: HfAttnConfig) -> dict:
     # (vocab_size is left out: resize_token_embeddings changes it together with the modules)
     fields = ("attention_mode", "sliding_window", "position_embedding_type", "is_causal", "lowrank_dim",
               "lowrank_feature_map", "max_position_embeddings", "hidden_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "intermediate_size")
+              "num_attention_heads", "num_key_value_heads", "intermediate_size", "mlp_type", "norm_type")
     out = {k: getattr(config, k, None) for k in fields}
     out["rope_parameters"] = dict(config.rope_parameters or {})
     return out
@@ -506,7 +548,7 @@ class HfAttnModel(HfAttnPreTrainedModel):
         )
         self.rotary = HfAttnRotary(config) if config.position_embedding_type == "rope" else None
         self.layers = nn.ModuleList([HfAttnDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = HfAttnRMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        self.norm = build_norm(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.gradient_checkpointing = False
         self.spec = get_attention_spec(config.attention_mode)

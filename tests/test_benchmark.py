@@ -352,6 +352,10 @@ def test_small_section_rows_ratios_and_targets_are_well_formed(tmp_path, capsys)
     assert by_case["ours_local"]["params"] == by_case["ours_local_full"]["params"] == by_case["ours_eager"]["params"]
     assert by_case["ours_eager_parity"]["params"] == by_case["ours_eager"]["params"] - 3 * c * (88 - 85)
     assert "I=88" in by_case["ours_eager"]["note"] and "sliding_window=16 >= n" in by_case["ours_local_full"]["note"]
+    # built with the reference's architecture: exactly the reference's parameters (rope: less the position table)
+    assert by_case["ours_eager_gpt"]["params"] == by_case[SMALL_REFERENCE]["params"]
+    assert by_case["ours_rope_gpt"]["params"] == by_case[SMALL_REFERENCE]["params"] - n * c
+    assert "norm_type='layernorm'" in by_case["ours_eager_gpt"]["note"]
 
     ratios = [r for r in report.ratio_rows(rows) if r["section"] == "small"]
     time_ratios = {r["ours"]: r["ratio"] for r in ratios if r["metric"] == "time"}
@@ -361,6 +365,8 @@ def test_small_section_rows_ratios_and_targets_are_well_formed(tmp_path, capsys)
         assert ratio == pytest.approx(by_case[case]["time_s"] / by_case[SMALL_REFERENCE]["time_s"])
     targets = {t.name: t for t in report.evaluate_targets(rows, TINY.window, TINY.rank) if t.name.startswith("small_")}
     expected = {"small_eager_step": ("ours_eager", SMALL_REFERENCE), "small_rope_step": ("ours_rope", SMALL_REFERENCE),
+                "small_eager_gpt_step": ("ours_eager_gpt", SMALL_REFERENCE),
+                "small_rope_gpt_step": ("ours_rope_gpt", SMALL_REFERENCE),
                 "small_local_full_window": ("ours_local_full", "ours_eager"),
                 "small_lowrank_step": ("ours_lowrank", "ours_eager")}
     assert set(targets) == set(expected)

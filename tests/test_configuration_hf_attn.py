@@ -48,6 +48,8 @@ BAD_VALUES = [
     ({"attention_dropout": 1.5}, "attention_dropout"),
     ({"hidden_dropout": -0.1}, "hidden_dropout"),
     ({"hidden_act": "swish2"}, "hidden_act"),
+    ({"mlp_type": "swiglu"}, r"mlp_type.*\['gated', 'plain'\]"),
+    ({"norm_type": "batchnorm"}, r"norm_type.*\['rmsnorm', 'layernorm'\]"),
     ({"rms_norm_eps": 0}, "rms_norm_eps"),
     ({"initializer_range": -1.0}, "initializer_range"),
     ({"position_embedding_type": "alibi"}, "position_embedding_type"),

@@ -302,3 +302,29 @@ def test_fused_ops_off_records_plain_ops_with_the_same_results():
 def test_fused_ops_is_validated():
     with pytest.raises(ValueError, match="fused_ops"):
         tiny_config(fused_ops="yes")
+
+
+@pytest.mark.parametrize("rows_per_slice", [64, 4])
+def test_silu_mul_linear_matches_plain_and_bounds_what_it_keeps(monkeypatch, rows_per_slice):
+    """Inputs of one slice keep silu(gate) (no recomputation); longer ones keep only gate_up and the
+    weight, recomputing the product slice by slice. Both give the plain expression's gradients."""
+    import hf_attn.fused_ops as fused
+
+    monkeypatch.setattr(fused, "_ROWS", rows_per_slice)
+    torch.manual_seed(0)
+    gu = torch.randn(2, 7, 2 * 12, dtype=torch.float64, requires_grad=True)
+    down = torch.nn.Linear(12, 5, bias=False).double()
+    g = torch.randn(2, 7, 5, dtype=torch.float64)
+    gate, up = gu.chunk(2, dim=-1)
+    ref = down(F.silu(gate) * up)
+    ref_grads = torch.autograd.grad(ref, (gu, down.weight), g)
+    out = fused.silu_mul_linear(gu, down, fused=True)
+    assert type(out.grad_fn).__name__ == "_SiluMulLinearBackward"
+    grads = torch.autograd.grad(out, (gu, down.weight), g)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    kept = sorted(_saved_shapes(lambda: fused.silu_mul_linear(gu, down, fused=True)))
+    one_slice = gu.shape[0] * gu.shape[1] <= rows_per_slice
+    expected = [(2, 7, 12), (2, 7, 24), (5, 12)] if one_slice else [(2, 7, 24), (5, 12)]
+    assert kept == expected

@@ -363,3 +363,94 @@ def test_beam_search_reorders_the_cache(mode):
     cached = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False)
     uncached = model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+# hf_attn built with a classic GPT's architecture (the benchmark's reference GPT)
+GPT_FIELDS = dict(norm_type="layernorm", mlp_type="plain", hidden_act="gelu", rms_norm_eps=1e-5)
+
+
+def test_gpt_architecture_computes_the_reference_gpt():
+    """``norm_type="layernorm"``, ``mlp_type="plain"``, ``hidden_act="gelu"``: given the same weights,
+    the eager model computes the benchmark's minimal GPT (bias-free LayerNorm, 4x GELU MLP, learned
+    positions, tied head), logits, loss and gradients."""
+    from hf_attn.benchmark.reference_gpt import RefGPT, RefGPTConfig
+    from hf_attn.modeling_hf_attn import HfAttnLayerNorm, HfAttnPlainMLP
+
+    torch.manual_seed(0)
+    config = tiny_config("eager", num_key_value_heads=4, intermediate_size=128, loss_chunk_size=5, **GPT_FIELDS)
+    ours = HfAttnForCausalLM(config).double()
+    layer = ours.model.layers[0]
+    assert isinstance(layer.input_layernorm, HfAttnLayerNorm) and isinstance(ours.model.norm, HfAttnLayerNorm)
+    assert isinstance(layer.mlp, HfAttnPlainMLP) and not hasattr(layer.mlp, "gate_up_proj")
+    with torch.no_grad():  # norms away from their initial ones, so a skipped weight would show
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    ref = RefGPT(RefGPTConfig(vocab_size=97, block_size=128, num_layers=2, num_heads=4, hidden_size=32)).double()
+    with torch.no_grad():
+        ref.embed_tokens.weight.copy_(ours.model.embed_tokens.weight)
+        ref.embed_positions.weight.copy_(ours.model.embed_positions.weight)
+        ref.norm.weight.copy_(ours.model.norm.weight)
+        for block, layer in zip(ref.blocks, ours.model.layers):
+            attn = layer.self_attn
+            block.attn_norm.weight.copy_(layer.input_layernorm.weight)
+            block.attn.qkv_proj.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+            block.attn.out_proj.weight.copy_(attn.o_proj.weight)
+            block.mlp_norm.weight.copy_(layer.post_attention_layernorm.weight)
+            block.mlp.up_proj.weight.copy_(layer.mlp.up_proj.weight)
+            block.mlp.down_proj.weight.copy_(layer.mlp.down_proj.weight)
+    x = ids(3, 20)
+    targets = torch.cat([x[:, 1:], x.new_full((3, 1), -100)], dim=1)
+    ref_logits, ref_loss = ref(x, targets)
+    ref_loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, ref_logits, rtol=1e-10, atol=1e-10)
+    loss = ours(input_ids=x, labels=x, use_cache=False).loss  # the training path: fused, chunked loss
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.model.layers[1].mlp.up_proj.weight.grad, ref.blocks[1].mlp.up_proj.weight.grad,
+                               rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ours.model.norm.weight.grad, ref.norm.weight.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ours.model.embed_tokens.weight.grad, ref.embed_tokens.weight.grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode,pos", [("rope", "rope"), ("local", "absolute")])
+def test_gpt_architecture_saves_loads_and_generates(tmp_path, mode, pos):
+    model = make_lm(mode, pos, **GPT_FIELDS)
+    x = ids(2, 10)
+    with torch.no_grad():
+        expected = model(x).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["norm_type"], saved["mlp_type"]) == ("layernorm", "plain")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert {n for n, _ in loaded.named_parameters() if ".mlp." in n and n.startswith("model.layers.0.")} == {
+        "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=0)
+    # cached generation equals recomputing the whole sequence every step
+    out = loaded.generate(x[:, :4], max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        full = loaded(out[:, :-1]).logits[:, 3:].argmax(-1)
+    assert torch.equal(out[:, 4:], full)
+    # a checkpoint of the other architecture does not load silently into this one
+    with pytest.raises(ValueError, match="do not match"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, mlp_type="gated")
+
+
+def test_layernorm_keeps_low_precision_models_in_their_dtype():
+    model = make_lm("eager", "absolute", **GPT_FIELDS).to(torch.bfloat16)
+    norm = model.model.layers[0].input_layernorm
+    h = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    out = norm(h)
+    assert out.dtype == torch.bfloat16
+    want = torch.nn.functional.layer_norm(h.float(), (32,), norm.weight.float(), None, 1e-5)
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("field,value", [("norm_type", "layernorm"), ("mlp_type", "plain")])
+def test_architecture_fields_cannot_change_after_build(field, value):
+    model = make_lm("eager", "absolute")
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=field):
+        model(ids(1, 4))

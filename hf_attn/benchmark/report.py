@@ -185,6 +185,12 @@ def evaluate_targets(rows: list[dict], window: int, rank: int) -> list[TargetRes
                 _quotient(rows, "small", "ours_eager", SMALL_REFERENCE, None, mt), lambda v: v <= 1.05),
         _target("small_rope_step", "baby GPT: rope training step time / reference GPT <= 1.05",
                 _quotient(rows, "small", "ours_rope", SMALL_REFERENCE, None, mt), lambda v: v <= 1.05),
+        _target("small_eager_gpt_step", "baby GPT, hf_attn built with the reference's architecture (LayerNorm, "
+                "4x GELU MLP): eager step time / reference GPT <= 1.05",
+                _quotient(rows, "small", "ours_eager_gpt", SMALL_REFERENCE, None, mt), lambda v: v <= 1.05),
+        _target("small_rope_gpt_step", "baby GPT, hf_attn built with the reference's architecture: rope step time "
+                "/ reference GPT <= 1.05",
+                _quotient(rows, "small", "ours_rope_gpt", SMALL_REFERENCE, None, mt), lambda v: v <= 1.05),
         _target("small_local_full_window", "baby GPT: local with n <= sliding_window (plain causal path) "
                 "step time / eager <= 1.05 (within 5%)",
                 _quotient(rows, "small", "ours_local_full", "ours_eager", None, mt), lambda v: v <= 1.05),

@@ -487,6 +487,11 @@ def small_builders(small: SmallSpec) -> dict[str, tuple[Callable[[], nn.Module],
     c, i = small.hidden_size, small.intermediate_size
     mlp = (f"SwiGLU I={i} (a multiple of 8): 3*C*I = {3 * c * i:,} MLP weights/layer vs the reference's "
            f"4x GELU 2*C*4C = {8 * c * c:,}")
+    # the reference's own architecture in hf_attn: what remains of the gap is hf_attn's overhead
+    gpt = dict(norm_type="layernorm", mlp_type="plain", hidden_act="gelu", intermediate_size=4 * c,
+               rms_norm_eps=1e-5)
+    gpt_note = ("the reference's architecture (norm_type='layernorm', mlp_type='plain', hidden_act='gelu', "
+                f"I=4C={4 * c})")
     return {
         SMALL_REFERENCE: (lambda: RefGPT(ref),
                           "minimal GPT (reference_gpt): LayerNorm, fused qkv, sdpa is_causal, 4x GELU MLP, "
@@ -498,6 +503,8 @@ def small_builders(small: SmallSpec) -> dict[str, tuple[Callable[[], nn.Module],
             f"{3 * c * small.parity_intermediate_size:,}: the reference's MLP weights exactly, an odd width), "
             "to show what the odd width costs"),
         OURS_PREFIX + "rope": (lambda: build_small_model("rope", small), f"{mlp}; rotary (no position table)"),
+        OURS_PREFIX + "eager_gpt": (lambda: build_small_model("eager", small, **gpt), f"{gpt_note}; learned positions"),
+        OURS_PREFIX + "rope_gpt": (lambda: build_small_model("rope", small, **gpt), f"{gpt_note}; rotary"),
         OURS_PREFIX + "local": (lambda: build_small_model("local", small, sliding_window=small.window),
                                 f"{mlp}; sliding_window={small.window} < n={small.block_size}"),
         OURS_PREFIX + "local_full": (lambda: build_small_model("local", small, sliding_window=small.block_size),
