@@ -84,18 +84,20 @@ class _RotatePair(torch.autograd.Function):
         return _rotate(q, cos, sin, 1.0), _rotate(k, cos, sin, 1.0)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q, grad_k):
+        # the rotation by the opposite angle, written with differentiable ops (double backward works)
         cos, sin = ctx.saved_tensors
-        dq, dk = (_rotate(g, cos, sin, -1.0).to(dtype) for g, dtype in zip((grad_q, grad_k), ctx.dtypes))
-        return dq, dk, None, None
+        dtype_q, dtype_k = ctx.dtypes
+        dq, dk = _rotate(grad_q, cos, sin, -1.0), _rotate(grad_k, cos, sin, -1.0)
+        return (dq if dq.dtype == dtype_q else dq.to(dtype_q)), (dk if dk.dtype == dtype_k else dk.to(dtype_k)), None, None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     """x (B, h, L, D) rotated by +angle (sign 1) or -angle (sign -1); cos (B, >= h heads, L, D),
     sin (B, >= h heads, L, D/2)."""
     heads, half = x.shape[1], x.shape[-1] // 2
-    cos, sin = cos[:, :heads], sin[:, :heads]
+    if cos.shape[1] != heads:  # grouped-query keys read the first heads of the query-sized tables
+        cos, sin = cos[:, :heads], sin[:, :heads]
     out = torch.mul(x, cos)
     out[..., :half].addcmul_(x[..., half:], sin, value=-sign)
     out[..., half:].addcmul_(x[..., :half], sin, value=sign)

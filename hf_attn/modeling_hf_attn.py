@@ -421,8 +421,9 @@ def _structural_fields(config: HfAttnConfig) -> dict:
     fields = ("attention_mode", "sliding_window", "position_embedding_type", "is_causal", "lowrank_dim",
               "lowrank_feature_map", "max_position_embeddings", "hidden_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "intermediate_size", "mlp_type", "norm_type")
-    out = {k: getattr(config, k, None) for k in fields}
-    out["rope_parameters"] = dict(config.rope_parameters or {})
+    stored = vars(config)  # the fields as set (no attribute machinery: this runs on every forward)
+    out = {k: stored.get(k) for k in fields}
+    out["rope_parameters"] = dict(stored.get("rope_parameters") or {})
     return out
 
 
@@ -492,7 +493,7 @@ def _check_inputs(
             raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
         batch, length = input_ids.shape
         if input_ids.numel() and _checking():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= config.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(f"input_ids contains token id {bad}; allowed ids are 0..{config.vocab_size - 1} (vocab_size)")
@@ -693,7 +694,9 @@ class HfAttnModel(HfAttnPreTrainedModel):
             else:
                 position_ids = (torch.arange(length, device=device) + past)[None]
         limit = self._position_limit()
-        if limit is not None and _checking() and int(position_ids.max()) >= limit:
+        # positions counted here without padding end at past + length - 1, known without a tensor read
+        own_last = past + length - 1 if user_position_ids is None and not padded and isinstance(past, int) else None
+        if limit is not None and _checking() and (own_last if own_last is not None else int(position_ids.max())) >= limit:
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of this "
                 f"{config.attention_mode!r} model ({config.position_embedding_type} positions); "

@@ -81,6 +81,16 @@ def test_fused_rotation_matches_textbook_form_and_gradients():
     assert apply_rotary(bq, bq, cos[:1], sin[:1])[0].dtype == torch.float32
 
 
+def test_rotation_supports_double_backward():
+    """The rotation's backward is itself the rotation by the opposite angle, recorded with
+    differentiable ops: second derivatives (``create_graph=True``, e.g. gradient penalties with
+    ``fused_ops=False``) pass torch's numerical check."""
+    cos, sin = rotary()(torch.arange(5)[None], torch.float64)
+    q = torch.randn(1, 4, 5, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b: apply_rotary(a, b, cos, sin), (q, k))
+
+
 def test_tables_are_sized_from_lengths_never_from_position_values():
     """The model's own positions (below ``seq_len``, a Python int) index a table of
     ``max_position_embeddings`` rows doubled until it covers ``seq_len``; the caller's ids, whatever
