@@ -9,7 +9,9 @@ gradients); it only records fewer autograd nodes and keeps fewer tensors for the
 - ``silu_mul``: ``silu(gate) * up`` from the fused ``gate_up`` tensor; keeps only that tensor (the
   plain form also keeps ``silu(gate)``) and writes both gradient halves into one buffer (no ``cat``).
   ``silu_mul_linear`` also applies a plain ``down_proj`` and recomputes the product in the backward,
-  so the (tokens x I) product is not kept either; the backward works on 2048-row slices.
+  so the (tokens x I) product is not kept either; the backward works on 2048-row slices (an input of
+  one slice also keeps ``silu(gate)``, no more than that slice's backward temporaries, and skips
+  recomputing it).
 - ``chunked_lm_loss``: next-token cross-entropy of ``head(hidden)`` computed ``chunk`` rows at a time,
   so the (tokens x vocab) logits are never held: for a plain ``nn.Linear`` head the gradient of each
   chunk is formed as it is computed; any other head (hooks, adapters, offload wrappers, autocast) is
@@ -139,10 +141,11 @@ class _SiluMulLinear(torch.autograd.Function):
         for s in range(0, rows_in.shape[0], _ROWS):
             g = rows_grad[s:s + _ROWS]
             if grad_gate_up is not None:
-                product = _silu_mul_grad(rows_in[s:s + _ROWS], g @ weight, grad_gate_up[s:s + _ROWS], True, silu)
+                kept = None if silu is None else silu[s:s + _ROWS]
+                product = _silu_mul_grad(rows_in[s:s + _ROWS], g @ weight, grad_gate_up[s:s + _ROWS], True, kept)
             else:
                 gate, up = rows_in[s:s + _ROWS].chunk(2, dim=-1)
-                product = (F.silu(gate) if silu is None else silu) * up
+                product = (F.silu(gate) if silu is None else silu[s:s + _ROWS]) * up
             if grad_weight is not None:
                 grad_weight.addmm_(g.t(), product)
         return (grad_gate_up.view_as(gate_up) if grad_gate_up is not None else None), grad_weight

@@ -73,7 +73,8 @@ class HfAttnRMSNorm(nn.Module):
 
 
 class HfAttnLayerNorm(nn.Module):
-    """Bias-free layer norm (``norm_type="layernorm"``), computed in float32 by torch's fused kernel."""
+    """Bias-free layer norm (``norm_type="layernorm"``), computed in float32 by torch's fused kernel.
+    Takes the same arguments as ``HfAttnRMSNorm`` (``config`` unused: it has no fused-ops switch)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, config: HfAttnConfig | None = None) -> None:
         super().__init__()
@@ -98,8 +99,9 @@ def build_norm(config: HfAttnConfig) -> nn.Module:
 
 
 class HfAttnMLP(nn.Module):
-    """Gated feed-forward (``mlp_type="gated"``; SwiGLU, Shazeer 2020, with ``hidden_act="silu"``) (Shazeer, 2020); gate and up projections stored as one ``gate_up_proj``
-    module (its output's two halves), so hooks and adapters (LoRA) on it see every call."""
+    """Gated feed-forward (``mlp_type="gated"``; SwiGLU with ``hidden_act="silu"``, Shazeer 2020); gate
+    and up projections stored as one ``gate_up_proj`` module (its output's two halves), so hooks and
+    adapters (LoRA) on it see every call."""
 
     def __init__(self, config: HfAttnConfig) -> None:
         super().__init__()
