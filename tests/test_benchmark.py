@@ -387,6 +387,24 @@ def test_small_section_rows_ratios_and_targets_are_well_formed(tmp_path, capsys)
     assert (tmp_path / "again" / "small.png").stat().st_size > 0
 
 
+def test_small_section_measures_compiled_cases_next_to_the_others():
+    """``small_compiled``: the named cases again under ``torch.compile(fullgraph=True)``, as
+    ``<case>_compiled`` rows of the same interleaved rounds; an unknown case is refused by name."""
+    opts = RunOptions(sections=("small",), repeats=2, warmup=0, time_budget_s=0.0, peak_matmul_size=64,
+                      small=TINY_SMALL, small_compiled=("ours_eager", SMALL_REFERENCE), compile_backend="eager")
+    rows, _ = run_suite(opts, TINY, log=lambda _: None)
+    by_case = {r["case"]: r for r in rows}
+    assert list(by_case)[-2:] == ["ours_eager_compiled", SMALL_REFERENCE + "_compiled"]
+    for case in ("ours_eager", SMALL_REFERENCE):
+        compiled = by_case[case + "_compiled"]
+        assert compiled["status"] == "ok" and compiled["repeats"] == 2 and compiled["time_s"] > 0
+        assert compiled["params"] == by_case[case]["params"]
+        assert "torch.compile(fullgraph=True, backend='eager')" in compiled["note"]
+    assert "| ours_eager_compiled |" in report.small_table(rows)
+    with pytest.raises(ValueError, match="small_compiled.*'ours_bogus'"):
+        RunOptions(sections=("small",), small_compiled=("ours_bogus",)).validate()
+
+
 def test_small_profiles_compare_every_case_with_the_reference(tmp_path):
     paths = write_small_profiles(tmp_path, TINY_SMALL, steps=1)
     assert [p.name for p in paths] == [f"profile_small_{c}.txt" for c in small_builders(TINY_SMALL)] + [

@@ -24,8 +24,8 @@ from .report import (
     targets_table,
     write_results,
 )
-from .spec import DTYPES, BenchSpec
-from .suite import ATTENTION_MODES, SECTIONS, RunOptions, run_suite
+from .spec import DTYPES, BenchSpec, SmallSpec
+from .suite import ATTENTION_MODES, SECTIONS, RunOptions, run_suite, small_builders
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens of the compile section's static-cache decoding")
     p.add_argument("--compile-gen-tokens", type=int, default=d.compile_gen_tokens,
                    help="new tokens of the compile section's static-cache decoding")
+    p.add_argument("--small-compiled", type=_name_list(tuple(small_builders(SmallSpec()))), default=d.small_compiled, metavar="CASES",
+                   help="cases of the small section also measured under torch.compile(fullgraph=True) with "
+                        "--compile-backend, as <case>_compiled (e.g. refgpt_sdpa,ours_eager,ours_rope)")
     p.add_argument("--from-json", type=Path, default=None, metavar="RESULTS_JSON",
                    help="measure nothing: rebuild ratios, targets, summary and plots in --out from the rows "
                         "of an earlier run's results.json")
@@ -123,6 +126,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[RunOptions, BenchSpec]:
         peak_matmul_size=args.peak_matmul_size, compile_backend=args.compile_backend,
         compile_train_seq_len=args.compile_train_seq_len, compile_train_batch=args.compile_train_batch,
         compile_gen_prompt=args.compile_gen_prompt, compile_gen_tokens=args.compile_gen_tokens,
+        small_compiled=args.small_compiled,
     )
     longest = max(max(opts.seq_lens), opts.gen_prompt + opts.gen_tokens, opts.train_seq_len,
                   opts.compile_train_seq_len, opts.compile_gen_prompt + opts.compile_gen_tokens)

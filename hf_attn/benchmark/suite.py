@@ -33,6 +33,7 @@ import gc
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -108,6 +109,8 @@ class RunOptions:
     max_case_seconds: float = 120.0
     peak_matmul_size: int = 4096
     small: SmallSpec = field(default_factory=SmallSpec)
+    # section ``small``: cases also measured under torch.compile (``compile_backend``), as ``<case>_compiled``
+    small_compiled: tuple[str, ...] = ()
     # section ``compile``: torch.compile backend, training size, decoding prompt / new tokens, cases
     compile_backend: str = "inductor"
     compile_train_seq_len: int = 256
@@ -139,6 +142,11 @@ class RunOptions:
         if not self.seq_lens or min(self.seq_lens) < 1:
             raise ValueError(f"seq_lens={list(self.seq_lens)} is invalid: expected positive integers")
         self.small.validate()
+        known = set(small_builders(self.small))
+        unknown = [c for c in self.small_compiled if c not in known]
+        if unknown:
+            raise ValueError(f"small_compiled={list(self.small_compiled)} is invalid: {unknown} unknown; allowed values "
+                             f"are {sorted(known)}")
 
 
 def make_row(section: str, case: str, **fields: object) -> dict:
@@ -543,18 +551,27 @@ def bench_small(opts: RunOptions, log: Log = print) -> list[dict]:
     steps: dict[str, StepFn] = {}
     models: dict[str, nn.Module] = {}
     notes: dict[str, str] = {}
+    builders = small_builders(small)
+    runs = [(case, case, False) for case in builders]
+    runs += [(case + "_compiled", case, True) for case in opts.small_compiled]
     with torch_threads(small.threads):
-        for case, (build, note) in small_builders(small).items():
+        for name, case, compiled in runs:
+            build, note = builders[case]
             try:
                 torch.manual_seed(opts.seed)
                 model = build().train()
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                step = _small_step(case, model, ids, optimizer)
-                for _ in range(max(1, opts.warmup)):  # the first step allocates the optimizer state
+                runner = torch.compile(model, fullgraph=True, backend=opts.compile_backend) if compiled else model
+                step = _small_step(case, runner, ids, optimizer)
+                start = time.perf_counter()
+                for _ in range(max(1, opts.warmup)):  # the first step allocates the optimizer state (and compiles)
                     step()
-                steps[case], models[case], notes[case] = step, model, note
+                if compiled:
+                    note = (f"torch.compile(fullgraph=True, backend={opts.compile_backend!r}), compiling and warm-up "
+                            f"{time.perf_counter() - start:.0f} s excluded; {note}")
+                steps[name], models[name], notes[name] = step, model, note
             except Exception as exc:  # noqa: BLE001
-                rows.append(make_row("small", case, seq_len=n, batch=batch, status="error",
+                rows.append(make_row("small", name, seq_len=n, batch=batch, status="error",
                                      note=f"{type(exc).__name__}: {exc}"))
         peaks = {case: peak_memory_bytes(step) for case, step in steps.items()}
         times = time_interleaved(steps, opts.repeats, warmup=0, budget_s=opts.time_budget_s,
