@@ -85,6 +85,19 @@ def test_card_metadata_per_mode_and_head(tmp_path, mode, position, architecture)
         assert f"| `{key}` | {value} |" in card.text
 
 
+@pytest.mark.parametrize("fields,block", [
+    ({}, "x = x + Attn(RMSNorm(x)); x = x + SwiGLU(RMSNorm(x))`, a final RMSNorm"),
+    ({"norm_type": "layernorm", "mlp_type": "plain", "hidden_act": "gelu"},
+     "x = x + Attn(LayerNorm(x)); x = x + MLP[gelu](LayerNorm(x))`, a final LayerNorm"),
+    ({"hidden_act": "gelu"}, "x = x + Attn(RMSNorm(x)); x = x + GatedMLP[gelu](RMSNorm(x))`"),
+])
+def test_card_describes_the_block_the_config_builds(tmp_path, fields, block):
+    HfAttnForCausalLM(tiny_config("eager", **fields)).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert block in card
+    assert "intermediate_size (" + block.split("x = x + ")[2].split("(")[0] + ")" in card
+
+
 def test_card_without_eval_results_or_data_says_so(tmp_path):
     config = tiny_config("rope", "rope", architectures=["HfAttnForCausalLM"],
                          rope_scaling={"type": "linear", "factor": 2.0})
