@@ -414,7 +414,7 @@ def test_gpt_architecture_computes_the_reference_gpt():
     torch.testing.assert_close(ours.model.embed_tokens.weight.grad, ref.embed_tokens.weight.grad, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode,pos", [("rope", "rope"), ("local", "absolute")])
+@pytest.mark.parametrize("mode,pos", [("rope", "rope"), ("local", "absolute"), ("lowrank", "rope")])
 def test_gpt_architecture_saves_loads_and_generates(tmp_path, mode, pos):
     model = make_lm(mode, pos, **GPT_FIELDS)
     x = ids(2, 10)
