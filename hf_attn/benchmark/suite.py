@@ -33,7 +33,6 @@ import gc
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -563,12 +562,13 @@ def bench_small(opts: RunOptions, log: Log = print) -> list[dict]:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 runner = torch.compile(model, fullgraph=True, backend=opts.compile_backend) if compiled else model
                 step = _small_step(case, runner, ids, optimizer)
-                start = time.perf_counter()
-                for _ in range(max(1, opts.warmup)):  # the first step allocates the optimizer state (and compiles)
-                    step()
-                if compiled:
-                    note = (f"torch.compile(fullgraph=True, backend={opts.compile_backend!r}), compiling and warm-up "
-                            f"{time.perf_counter() - start:.0f} s excluded; {note}")
+                if compiled:  # warmed up until no call compiles a new graph (the compile section's rule)
+                    seconds, _, graphs = _warm_compiled(step, opts.warmup + 1)
+                    note = (f"torch.compile(fullgraph=True, backend={opts.compile_backend!r}), {graphs} graph(s) "
+                            f"compiled in {seconds:.0f} s (excluded); {note}")
+                else:
+                    for _ in range(max(1, opts.warmup)):  # the first step allocates the optimizer state
+                        step()
                 steps[name], models[name], notes[name] = step, model, note
             except Exception as exc:  # noqa: BLE001
                 rows.append(make_row("small", name, seq_len=n, batch=batch, status="error",
