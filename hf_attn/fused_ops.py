@@ -57,20 +57,26 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+def norm_in_float32(norm, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``norm(x, weight)`` computed in float32 (float64 for float64 input) and returned in ``x``'s
+    dtype; the common float32 case makes no casts. Shared by the model's norm layers."""
+    dtype = x.dtype
+    if dtype is torch.float32 and weight.dtype is torch.float32:
+        return norm(x, weight)
+    acc = torch.promote_types(dtype, torch.float32)
+    return norm(x.to(acc), weight.to(acc)).to(dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool) -> torch.Tensor:
     """RMSNorm of ``x`` scaled by ``weight``, computed in float32 (float64 for float64 input) and
     returned in ``x``'s dtype."""
-    dtype = x.dtype
-    if dtype is torch.float32 and weight.dtype is torch.float32:  # the common case: no casts
-        x32, w32 = x, weight
-    else:
-        acc = torch.promote_types(dtype, torch.float32)
-        x32, w32 = x.to(acc), weight.to(acc)
-    if fused and torch.is_grad_enabled() and (x32.requires_grad or w32.requires_grad):
-        out = _RMSNorm.apply(x32, w32, eps)
-    else:
-        out = F.rms_norm(x32, (x.shape[-1],), w32, eps)
-    return out if out.dtype is dtype else out.to(dtype)
+
+    def norm(x32: torch.Tensor, w32: torch.Tensor) -> torch.Tensor:
+        if fused and torch.is_grad_enabled() and (x32.requires_grad or w32.requires_grad):
+            return _RMSNorm.apply(x32, w32, eps)
+        return F.rms_norm(x32, (x32.shape[-1],), w32, eps)
+
+    return norm_in_float32(norm, x, weight)
 
 
 _ROWS = 2048  # rows per slice of the SwiGLU backward: bounds its temporaries to (rows, I)

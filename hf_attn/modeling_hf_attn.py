@@ -39,7 +39,7 @@ from .attention_registry import FULL_ATTENTION_KERNELS, get_attention_spec
 from .attention_rope import HfAttnRotary, apply_rotary, rotary_head_tables
 from .cache_hf_attn import BoundedTensorCache, HfAttnCache, check_cache, past_length
 from .configuration_hf_attn import HfAttnConfig
-from .fused_ops import chunked_lm_loss, plain_linear, rms_norm, silu_mul_linear
+from .fused_ops import chunked_lm_loss, norm_in_float32, plain_linear, rms_norm, silu_mul_linear
 
 # Bytes of size-only masks one model keeps for reuse (local mode's blocked mask is O(n * w) bytes).
 _MASK_CACHE_BYTES = 64 * 2**20
@@ -82,12 +82,8 @@ class HfAttnLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        if dtype is torch.float32 and self.weight.dtype is torch.float32:
-            return F.layer_norm(hidden_states, (hidden_states.shape[-1],), self.weight, None, self.eps)
-        acc = torch.promote_types(dtype, torch.float32)
-        out = F.layer_norm(hidden_states.to(acc), (hidden_states.shape[-1],), self.weight.to(acc), None, self.eps)
-        return out.to(dtype)
+        return norm_in_float32(lambda x, w: F.layer_norm(x, (x.shape[-1],), w, None, self.eps),
+                               hidden_states, self.weight)
 
 
 NORMS = {"rmsnorm": HfAttnRMSNorm, "layernorm": HfAttnLayerNorm}
