@@ -88,8 +88,7 @@ class _RotatePair(torch.autograd.Function):
         # the rotation by the opposite angle, written with differentiable ops (double backward works)
         cos, sin = ctx.saved_tensors
         dtype_q, dtype_k = ctx.dtypes
-        dq, dk = _rotate(grad_q, cos, sin, -1.0), _rotate(grad_k, cos, sin, -1.0)
-        return (dq if dq.dtype == dtype_q else dq.to(dtype_q)), (dk if dk.dtype == dtype_k else dk.to(dtype_k)), None, None
+        return _rotate(grad_q, cos, sin, -1.0).to(dtype_q), _rotate(grad_k, cos, sin, -1.0).to(dtype_k), None, None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:

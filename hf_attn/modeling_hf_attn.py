@@ -692,14 +692,16 @@ class HfAttnModel(HfAttnPreTrainedModel):
             else:
                 position_ids = (torch.arange(length, device=device) + past)[None]
         limit = self._position_limit()
-        # positions counted here without padding end at past + length - 1, known without a tensor read
-        own_last = past + length - 1 if user_position_ids is None and not padded and isinstance(past, int) else None
-        if limit is not None and _checking() and (own_last if own_last is not None else int(position_ids.max())) >= limit:
-            raise ValueError(
-                f"position {int(position_ids.max())} is beyond max_position_embeddings={limit} of this "
-                f"{config.attention_mode!r} model ({config.position_embedding_type} positions); "
-                "shorten the input or use rotary positions"
-            )
+        if limit is not None and _checking():
+            # positions counted here without padding end at past + length - 1: no tensor read for them
+            counted = user_position_ids is None and not padded and isinstance(past, int)
+            last = past + length - 1 if counted else int(position_ids.max())
+            if last >= limit:
+                raise ValueError(
+                    f"position {last} is beyond max_position_embeddings={limit} of this "
+                    f"{config.attention_mode!r} model ({config.position_embedding_type} positions); "
+                    "shorten the input or use rotary positions"
+                )
 
         hidden_states = inputs_embeds
         if self.embed_positions is not None:
