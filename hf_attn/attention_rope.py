@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cpu_kernels import usable
+
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, H, L, D) and k (B, Hkv, L, D): ``x * cos + rotate_half(x) * sin``. cos/sin are
@@ -39,9 +41,22 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         half = cos.shape[-1] // 2
         cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, L, D/2)
         return _rotated(q, cos, sin), _rotated(k, cos, sin)
+    kernels = rotary_kernels(q, k, cos, sin)
+    if kernels is not None:  # one pass over q and k, reading cos/sin (B, L, D) or the tables
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]
+        return _RotatePair.apply(q, k, cos, sin, kernels)
     if cos.dim() == 3:
         cos, sin = rotary_head_tables(cos, sin, max(q.shape[1], k.shape[1]))
-    return _RotatePair.apply(q, k, cos, sin)
+    return _RotatePair.apply(q, k, cos, sin, None)
+
+
+def rotary_kernels(*tensors: torch.Tensor):
+    """The fused CPU kernels (``cpu_kernels``) when they rotate these tensors: a training step
+    (gradients recorded for the first) on float32/float64 CPU tensors of one dtype; else ``None``."""
+    if not (torch.is_grad_enabled() and tensors[0].requires_grad):
+        return None
+    return usable(*tensors)
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,27 +83,40 @@ def rotary_head_tables(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tupl
 
 
 class _RotatePair(torch.autograd.Function):
-    """The rotation of q and k in one autograd node: per tensor one full-width product and two
-    half-width fused multiply-adds, with no ``rotate_half`` copy and nothing saved but the (shared)
-    tables; the backward is the rotation by the opposite angle.
+    """The rotation of q and k in one autograd node, with nothing saved but the (shared) tables; the
+    backward is the rotation by the opposite angle.
 
-    ``out = x cos``, then ``out1 -= x2 sin``, ``out2 += x1 sin`` (cos full width, both halves equal;
-    sin its first half). The outputs keep the strides of q and k (the projections' (B, L, H, D)
-    layout) and the dtype ``x * cos`` would have.
+    With the CPU kernels: one pass per tensor, cos/sin (B or 1, heads or 1, L, >= D/2). Otherwise
+    per tensor one full-width product and two half-width fused multiply-adds, with no
+    ``rotate_half`` copy: ``out = x cos``, then ``out1 -= x2 sin``, ``out2 += x1 sin`` (cos full
+    width, both halves equal; sin its first half). The outputs keep the strides of q and k (the
+    projections' (B, L, H, D) layout) and the dtype ``x * cos`` would have.
     """
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, kernels):
         ctx.save_for_backward(cos, sin)
-        ctx.dtypes = q.dtype, k.dtype
+        ctx.dtypes, ctx.kernels = (q.dtype, k.dtype), kernels
+        if kernels is not None:
+            return kernels.rotate(q, cos, sin, 1.0), kernels.rotate(k, cos, sin, 1.0)
         return _rotate(q, cos, sin, 1.0), _rotate(k, cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
-        # the rotation by the opposite angle, written with differentiable ops (double backward works)
         cos, sin = ctx.saved_tensors
         dtype_q, dtype_k = ctx.dtypes
-        return _rotate(grad_q, cos, sin, -1.0).to(dtype_q), _rotate(grad_k, cos, sin, -1.0).to(dtype_k), None, None
+        if ctx.kernels is not None and not torch.is_grad_enabled():
+            return (ctx.kernels.rotate(_unit_last(grad_q), cos, sin, -1.0),
+                    ctx.kernels.rotate(_unit_last(grad_k), cos, sin, -1.0), None, None, None)
+        if sin.shape[-1] == cos.shape[-1]:  # the kernels' (B, 1, L, D) views: the tables _rotate reads
+            cos, sin = rotary_head_tables(cos[:, 0], sin[:, 0], max(grad_q.shape[1], grad_k.shape[1]))
+        # the rotation by the opposite angle, written with differentiable ops (double backward works)
+        return (_rotate(grad_q, cos, sin, -1.0).to(dtype_q), _rotate(grad_k, cos, sin, -1.0).to(dtype_k),
+                None, None, None)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:

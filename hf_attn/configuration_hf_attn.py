@@ -15,7 +15,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 # Version of the config format this code writes; a config written by a newer hf_attn may carry
 # fields this code does not know, and loading it raises instead of silently ignoring them.
-HF_ATTN_VERSION = "0.5.0"
+HF_ATTN_VERSION = "0.6.0"
 
 # The single source of truth for the modes; the registry test checks this equals the registry keys.
 ATTENTION_MODES = ("eager", "local", "lowrank", "rope")
@@ -137,8 +137,10 @@ class HfAttnConfig(PretrainedConfig):
         fused_ops: ``True`` (default): while gradients are recorded, RMSNorm, the SwiGLU gate with
             ``down_proj``, and q/k/v (one stacked matmul) run as fused autograd functions that keep
             fewer tensors and record fewer nodes (same values and gradients; hooked or adapted
-            projections are always called as modules). ``False``: plain PyTorch ops throughout, for
-            double backward, forward-mode AD and ``torch.func`` transforms.
+            projections are always called as modules); on the CPU, RMSNorm and the SwiGLU gate run
+            as compiled C++ kernels (``cpu_kernels.py``, switch ``HF_ATTN_CPU_KERNELS``). ``False``:
+            plain PyTorch ops throughout, for forward-mode AD and ``torch.func`` transforms. Double
+            backward works either way (the chunked loss refuses it: use ``loss_chunk_size=0``).
         loss_chunk_size: Tokens per chunk of the LM loss while gradients are recorded: the logits of
             ``loss_chunk_size`` tokens are formed at a time and never all (tokens x vocab) at once, so
             such a forward returns ``loss`` with ``logits=None``. ``0`` turns chunking off (logits are

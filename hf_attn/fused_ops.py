@@ -29,31 +29,48 @@ from torch import nn
 from torch.nn.modules import module as _hooks
 from torch.utils.checkpoint import checkpoint
 
+from .cpu_kernels import usable
+
 
 class _RMSNorm(torch.autograd.Function):
-    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; x and w of one floating dtype."""
+    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; x and w of one floating dtype. One pass
+    each way with the CPU kernels (``cpu_kernels``), else a few PyTorch ops."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.kernels, ctx.eps = usable(rows, weight), eps
+        if ctx.kernels is not None:
+            rows = rows.contiguous()
+            out, rstd = ctx.kernels.rms_norm_fwd(rows, weight.contiguous(), eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return out.view_as(x)
         # mean(x^2) from one fused reduction: (|x| / sqrt(C))^2
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).div_(x.shape[-1] ** 0.5)
-        rstd = rstd.square_().add_(eps).rsqrt_()  # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        return torch.mul(x, rstd).mul_(weight)
+        rstd = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).div_(x.shape[-1] ** 0.5)
+        rstd = rstd.square_().add_(eps).rsqrt_()  # (rows, 1)
+        ctx.save_for_backward(x, weight, rstd)  # the input itself: a double backward differentiates it
+        return torch.mul(rows, rstd).mul_(weight).view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        normed = x * rstd
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed).reshape(-1, x.shape[-1]).sum(0)
+        shape = x.shape
+        rows, grad = x.reshape(-1, shape[-1]), grad.reshape(-1, shape[-1])
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if ctx.kernels is not None and not torch.is_grad_enabled():  # a double backward takes the ops below
+            grad_x, grad_w = ctx.kernels.rms_norm_bwd(grad.contiguous(), rows.contiguous(), weight.contiguous(), rstd,
+                                                      need_x, need_w)
+            return (grad_x.view(shape) if need_x else None), (grad_w if need_w else None), None
+        if torch.is_grad_enabled():  # a graph of the backward (double backward): rstd as a function of x
+            rstd = torch.rsqrt(rows.square().mean(-1, keepdim=True) + ctx.eps)
+        normed = rows * rstd
+        grad_weight = (grad * normed).sum(0) if need_w else None
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if need_x:
             grad_normed = grad * weight
             # d/dx of x * r(x): r * (g - x_hat * mean(g * x_hat))
-            mean = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(x.shape[-1])
-            grad_x = normed.mul_(mean).neg_().add_(grad_normed).mul_(rstd)
+            mean = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(rows.shape[-1])
+            grad_x = ((grad_normed - normed * mean) * rstd).view(shape)
         return grad_x, grad_weight, None
 
 
@@ -101,20 +118,39 @@ def _silu_mul_grad(gate_up: torch.Tensor, grad: torch.Tensor, out: torch.Tensor,
     return torch.mul(silu, up, out=product)
 
 
+def _silu_mul_grad_graph(gate_up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d(silu(gate) * up)/d[gate | up] for ``grad``, the product) as differentiable out-of-place ops:
+    what a backward that builds a graph (double backward) computes."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad_gate = grad * up * sig * (1 + gate * (1 - sig))
+    return torch.cat((grad_gate, grad * silu), dim=-1), silu * up
+
+
 class _SiluMul(torch.autograd.Function):
     """silu(gate) * up, where ``gate_up = [gate | up]`` along the last dim."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
         ctx.save_for_backward(gate_up)
+        ctx.kernels = usable(gate_up)
+        if ctx.kernels is not None:
+            rows = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+            return ctx.kernels.swiglu_fwd(rows).view(*gate_up.shape[:-1], -1)
+        gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
         rows_in, rows_grad = gate_up.reshape(-1, gate_up.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        grad_gate_up = torch.empty_like(rows_in)
+        if torch.is_grad_enabled():  # double backward: a differentiable graph
+            return _silu_mul_grad_graph(gate_up, grad)[0]
+        grad_gate_up = torch.empty_like(rows_in, memory_format=torch.contiguous_format)
+        if ctx.kernels is not None:
+            ctx.kernels.swiglu_bwd(rows_in.contiguous(), rows_grad.contiguous(), grad_gate_up, None)
+            return grad_gate_up.view_as(gate_up)
         for s in range(0, rows_in.shape[0], _ROWS):
             _silu_mul_grad(rows_in[s:s + _ROWS], rows_grad[s:s + _ROWS], grad_gate_up[s:s + _ROWS])
         return grad_gate_up.view_as(gate_up)
@@ -126,6 +162,11 @@ class _SiluMulLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.kernels = usable(gate_up, weight)
+        if ctx.kernels is not None:  # one pass; the backward's kernel recomputes what it needs
+            rows = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+            ctx.save_for_backward(gate_up, weight)
+            return F.linear(ctx.kernels.swiglu_fwd(rows), weight).view(*gate_up.shape[:-1], -1)
         gate, up = gate_up.chunk(2, dim=-1)
         silu = F.silu(gate)
         out = F.linear(silu * up, weight)
@@ -141,16 +182,28 @@ class _SiluMulLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gate_up, weight, *kept = ctx.saved_tensors
         rows_in, rows_grad = gate_up.reshape(-1, gate_up.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        if torch.is_grad_enabled():  # double backward: a differentiable graph (all rows at once)
+            grad_gate_up, product = _silu_mul_grad_graph(rows_in, rows_grad @ weight)
+            return grad_gate_up.view_as(gate_up), rows_grad.t() @ product
+        kernels = ctx.kernels
+        if kernels is not None:
+            rows_in, rows_grad = rows_in.contiguous(), rows_grad.contiguous()
         silu = kept[0].reshape(-1, kept[0].shape[-1]) if kept else None
         grad_gate_up = torch.empty_like(rows_in) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for s in range(0, rows_in.shape[0], _ROWS):
-            g = rows_grad[s:s + _ROWS]
-            if grad_gate_up is not None:
+            g, part = rows_grad[s:s + _ROWS], rows_in[s:s + _ROWS]
+            if kernels is not None:
+                if grad_gate_up is not None:
+                    product = part.new_empty(part.shape[0], part.shape[1] // 2) if grad_weight is not None else None
+                    kernels.swiglu_bwd(part, g @ weight, grad_gate_up[s:s + _ROWS], product)
+                else:
+                    product = kernels.swiglu_fwd(part)
+            elif grad_gate_up is not None:
                 kept = None if silu is None else silu[s:s + _ROWS]
-                product = _silu_mul_grad(rows_in[s:s + _ROWS], g @ weight, grad_gate_up[s:s + _ROWS], True, kept)
+                product = _silu_mul_grad(part, g @ weight, grad_gate_up[s:s + _ROWS], True, kept)
             else:
-                gate, up = rows_in[s:s + _ROWS].chunk(2, dim=-1)
+                gate, up = part.chunk(2, dim=-1)
                 product = (F.silu(gate) if silu is None else silu[s:s + _ROWS]) * up
             if grad_weight is not None:
                 grad_weight.addmm_(g.t(), product)
@@ -219,6 +272,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            # the gradients were formed in the forward, outside any graph: second derivatives would be wrong
+            raise RuntimeError("double backward (create_graph=True) through the chunked LM loss is not supported; "
+                               "set config.loss_chunk_size=0 to compute the loss over full logits")
         grad_hidden, grad_weight, denominator = ctx.saved_tensors
         scale = grad_loss / denominator
         gh = (grad_hidden * scale).to(grad_hidden.dtype) if grad_hidden is not None else None

@@ -36,7 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention_lowrank import linformer_init_std
 from .attention_registry import FULL_ATTENTION_KERNELS, get_attention_spec
-from .attention_rope import HfAttnRotary, apply_rotary, rotary_head_tables
+from .attention_rope import HfAttnRotary, apply_rotary, rotary_head_tables, rotary_kernels
 from .cache_hf_attn import BoundedTensorCache, HfAttnCache, check_cache, past_length
 from .configuration_hf_attn import HfAttnConfig
 from .fused_ops import chunked_lm_loss, norm_in_float32, plain_linear, rms_norm, silu_mul_linear
@@ -713,7 +713,9 @@ class HfAttnModel(HfAttnPreTrainedModel):
             # past + length: a Python int (a tensor for static caches), never read from the ids
             position_embeddings = self.rotary(position_ids, hidden_states.dtype, seq_len=past + length,
                                               own_positions=user_position_ids is None)
-            if not _tracing():  # the per-head tables every layer's rotation reads, built once here
+            if not _tracing() and rotary_kernels(hidden_states, *position_embeddings) is None:
+                # the per-head tables every layer's rotation reads, built once here (the CPU kernels
+                # read cos/sin as they are)
                 position_embeddings = rotary_head_tables(*position_embeddings, config.num_attention_heads)
         mask, dense = self._build_mask(attention_mask, padded, inputs_embeds, given_cache, position_ids,
                                        user_position_ids, past)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,3 +67,34 @@ def tiny_config(attention_mode: str = "eager", position_embedding_type: str | No
 @pytest.fixture(params=MODE_VARIANTS, ids=MODE_IDS)
 def mode_variant(request) -> tuple[str, str]:
     return request.param
+
+
+class KernelSpy:
+    """Stands in for the compiled kernel module and records the name of every kernel called."""
+
+    def __init__(self, module) -> None:
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name: str):
+        kernel = getattr(self.module, name)
+
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return kernel(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture(params=[True, False], ids=["kernels", "torch-ops"])
+def cpu_kernels(request, monkeypatch) -> SimpleNamespace:
+    """Runs a test with the fused CPU kernels (``HF_ATTN_CPU_KERNELS=1``: built once, then cached;
+    ``.calls`` lists the kernels called) and with the PyTorch ops (``0``). ``.on`` says which."""
+    from hf_attn import cpu_kernels as module
+
+    monkeypatch.setenv("HF_ATTN_CPU_KERNELS", "1" if request.param else "0")
+    calls: list[str] = []
+    if request.param:
+        spy = KernelSpy(module.kernels())
+        monkeypatch.setitem(module._state, "module", spy)
+        calls = spy.calls
+    return SimpleNamespace(on=request.param, calls=calls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -55,15 +56,17 @@ def test_rope_model_has_no_position_weights_and_runs_past_trained_length():
     assert torch.isfinite(out).all()
 
 
-def test_fused_rotation_matches_textbook_form_and_gradients():
-    """``apply_rotary``'s fused half-width passes equal ``x * cos + rotate_half(x) * sin``, values and
-    gradients, for the projections' transposed layout, grouped-query keys and mixed dtypes."""
+@pytest.mark.parametrize("table_dtype", [torch.float64, torch.float32])
+def test_fused_rotation_matches_textbook_form_and_gradients(table_dtype, cpu_kernels):
+    """``apply_rotary``'s fused passes (the CPU kernel, or half-width PyTorch ops) equal
+    ``x * cos + rotate_half(x) * sin``, values and gradients, for the projections' transposed layout,
+    grouped-query keys and mixed dtypes (float32 tables for float64 q/k: the PyTorch ops)."""
     def rotate_half(x):  # the textbook (x1, x2) -> (-x2, x1), as Llama writes it
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
     torch.manual_seed(0)
-    cos, sin = rotary()(torch.arange(7)[None].expand(2, 7), torch.float32)  # (B, L, D)
+    cos, sin = rotary()(torch.arange(7)[None].expand(2, 7), table_dtype)  # (B, L, D)
     q = torch.randn(2, 7, 4, 8, dtype=torch.float64).transpose(1, 2).requires_grad_(True)  # (B, H, L, D) view
     k = torch.randn(2, 7, 2, 8, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
     rq, rk = apply_rotary(q, k, cos, sin)
@@ -77,18 +80,21 @@ def test_fused_rotation_matches_textbook_form_and_gradients():
     expected = torch.autograd.grad((eq, ek), (q, k), grads)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-7)
-    bq = torch.randn(1, 4, 7, 8, dtype=torch.bfloat16)  # bf16 activations, float32 tables -> float32, as x * cos
-    assert apply_rotary(bq, bq, cos[:1], sin[:1])[0].dtype == torch.float32
+    kernel_ran = cpu_kernels.calls == ["rotate"] * 4  # q and k, forward and backward
+    assert kernel_ran == (cpu_kernels.on and table_dtype == torch.float64)
+    bq = torch.randn(1, 4, 7, 8, dtype=torch.bfloat16)  # bf16 activations, wider tables -> their dtype, as x * cos
+    assert apply_rotary(bq, bq, cos[:1], sin[:1])[0].dtype == table_dtype
 
 
-def test_rotation_supports_double_backward():
+def test_rotation_supports_double_backward(cpu_kernels):
     """The rotation's backward is itself the rotation by the opposite angle, recorded with
-    differentiable ops: second derivatives (``create_graph=True``, e.g. gradient penalties with
-    ``fused_ops=False``) pass torch's numerical check."""
+    differentiable ops when it builds a graph (the kernel's first backward included): second
+    derivatives (``create_graph=True``, e.g. gradient penalties) pass torch's numerical check."""
     cos, sin = rotary()(torch.arange(5)[None], torch.float64)
     q = torch.randn(1, 4, 5, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: apply_rotary(a, b, cos, sin), (q, k))
+    assert ("rotate" in cpu_kernels.calls) == cpu_kernels.on
 
 
 def test_tables_are_sized_from_lengths_never_from_position_values():
@@ -155,7 +161,7 @@ def test_rotation_tables_are_built_once_per_forward_and_follow_in_place_changes(
     for a, b in zip(after, fresh):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the broadcast (one-head) tables other devices get rotate the same
-    broadcast = _RotatePair.apply(q, k, cos[:, None], sin[:, None, :, :4])
+    broadcast = _RotatePair.apply(q, k, cos[:, None], sin[:, None, :, :4], None)
     for a, b in zip(after, broadcast):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

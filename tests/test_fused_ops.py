@@ -26,7 +26,7 @@ def _saved_shapes(fn) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_rms_norm_matches_plain(dtype):
+def test_rms_norm_matches_plain(dtype, cpu_kernels):
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
     w = (torch.randn(16) * 0.5 + 1).to(dtype).requires_grad_()
@@ -40,21 +40,22 @@ def test_rms_norm_matches_plain(dtype):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(dx, ref_dx, rtol=tol, atol=tol)
     torch.testing.assert_close(dw, ref_dw, rtol=tol, atol=tol * 10)
+    assert (cpu_kernels.calls == ["rms_norm_fwd", "rms_norm_bwd"]) == cpu_kernels.on
 
 
-def test_rms_norm_records_one_node_and_keeps_input_and_rstd():
+def test_rms_norm_records_one_node_and_keeps_input_and_rstd(cpu_kernels):
     x = torch.randn(4, 8, 16, requires_grad=True)
     w = torch.ones(16, requires_grad=True)
     out = rms_norm(x, w, 1e-6, fused=True)
     assert type(out.grad_fn).__name__ == "_RMSNormBackward"
     shapes = _saved_shapes(lambda: rms_norm(x, w, 1e-6, fused=True))
-    assert sorted(shapes) == sorted([(4, 8, 16), (16,), (4, 8, 1)])
+    assert sorted(shapes) == sorted([(4, 8, 16), (16,), (32, 1)])
     # only the weight trains (frozen input): its gradient alone, the input's is not formed
     (dw,) = torch.autograd.grad(rms_norm(x.detach(), w, 1e-6, fused=True).sum(), (w,))
     torch.testing.assert_close(dw, F.rms_norm(x.detach(), (16,), eps=1e-6).sum((0, 1)))
 
 
-def test_silu_mul_matches_plain_and_keeps_only_gate_up():
+def test_silu_mul_matches_plain_and_keeps_only_gate_up(cpu_kernels):
     torch.manual_seed(0)
     gu = torch.randn(2, 7, 2 * 12, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 7, 12, dtype=torch.float64)
@@ -66,6 +67,7 @@ def test_silu_mul_matches_plain_and_keeps_only_gate_up():
     torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-13, atol=1e-13)
     assert _saved_shapes(lambda: silu_mul(gu, fused=True)) == [(2, 7, 24)]
+    assert (cpu_kernels.calls[:2] == ["swiglu_fwd", "swiglu_bwd"]) == cpu_kernels.on
     # inference or plain: the same values without the autograd function
     with torch.no_grad():
         torch.testing.assert_close(silu_mul(gu, fused=True), ref.detach())
@@ -305,9 +307,11 @@ def test_fused_ops_is_validated():
 
 
 @pytest.mark.parametrize("rows_per_slice", [64, 4])
-def test_silu_mul_linear_matches_plain_and_bounds_what_it_keeps(monkeypatch, rows_per_slice):
-    """Inputs of one slice keep silu(gate) (no recomputation); longer ones keep only gate_up and the
-    weight, recomputing the product slice by slice. Both give the plain expression's gradients."""
+def test_silu_mul_linear_matches_plain_and_bounds_what_it_keeps(monkeypatch, rows_per_slice, cpu_kernels):
+    """With the PyTorch ops, inputs of one slice keep silu(gate) (no recomputation) and longer ones
+    keep only gate_up and the weight, recomputing the product slice by slice; the kernels always keep
+    only those two (their backward recomputes everything in its one pass). All give the plain
+    expression's gradients."""
     import hf_attn.fused_ops as fused
 
     monkeypatch.setattr(fused, "_ROWS", rows_per_slice)
@@ -325,6 +329,44 @@ def test_silu_mul_linear_matches_plain_and_bounds_what_it_keeps(monkeypatch, row
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     kept = sorted(_saved_shapes(lambda: fused.silu_mul_linear(gu, down, fused=True)))
-    one_slice = gu.shape[0] * gu.shape[1] <= rows_per_slice
+    slices = -(-gu.shape[0] * gu.shape[1] // rows_per_slice)
+    assert (cpu_kernels.calls[:1 + slices] == ["swiglu_fwd"] + ["swiglu_bwd"] * slices) == cpu_kernels.on
+    one_slice = gu.shape[0] * gu.shape[1] <= rows_per_slice and not cpu_kernels.on
     expected = [(2, 7, 12), (2, 7, 24), (5, 12)] if one_slice else [(2, 7, 24), (5, 12)]
     assert kept == expected
+
+
+def test_swiglu_functions_support_double_backward(cpu_kernels):
+    """A backward that builds a graph (``create_graph=True``) takes differentiable ops, so second
+    derivatives of the SwiGLU gate, alone and with ``down_proj``, pass torch's numerical check."""
+    from hf_attn.fused_ops import _SiluMulLinear
+
+    torch.manual_seed(0)
+    gu = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a: silu_mul(a, fused=True), (gu,))
+    assert torch.autograd.gradgradcheck(lambda a, b: _SiluMulLinear.apply(a, b), (gu, w))
+    assert ("swiglu_fwd" in cpu_kernels.calls) == cpu_kernels.on
+
+
+def test_gradient_penalty_through_the_fused_model_equals_plain_ops():
+    """Second derivatives through a whole fused training forward (full-logits loss) equal the plain
+    ops'; the chunked loss, whose gradients are formed in its forward, refuses a double backward."""
+    torch.manual_seed(0)
+    ids = torch.randint(1, 97, (2, 8))
+
+    def penalty(**overrides):
+        torch.manual_seed(0)
+        # eager attention math: torch's CPU sdpa kernel has no double backward
+        model = HfAttnForCausalLM(tiny_config("rope", "rope", attn_implementation="eager", **overrides)).double()
+        loss = model(input_ids=ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        total = sum(g.square().sum() for g in grads)
+        return torch.autograd.grad(total, list(model.parameters()))
+
+    fused = penalty(loss_chunk_size=0)
+    plain = penalty(loss_chunk_size=0, fused_ops=False)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    with pytest.raises(RuntimeError, match="loss_chunk_size=0"):
+        penalty()

@@ -22,6 +22,7 @@ EXPECTED_CODE_FILES = {
     "attention_rope.py",
     "cache_hf_attn.py",
     "fused_ops.py",
+    "cpu_kernels.py",
     "modelcard_hf_attn.py",
     "hub_hf_attn.py",
 }

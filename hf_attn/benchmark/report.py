@@ -339,7 +339,7 @@ def summary_markdown(rows: list[dict], env: dict, ratios: list[dict], targets: l
         f"Device: {env['device']}, {env['threads']} threads, dtype {env['dtype']}, torch {env['torch']}, "
         f"transformers {env['transformers']}, measured fp matmul peak {env['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
         f"({env['matmul_peak_size']}^2). Load average at start {env.get('load_average')}, "
-        f"at end {env.get('load_average_end')}.",
+        f"at end {env.get('load_average_end')}. Fused CPU kernels: {env.get('cpu_kernels', 'not recorded')}.",
         f"Timing: {env['timing_method']}. Memory: {env['memory_method']}.",
         f"Sizes: {env['spec']}.",
         "## Targets", targets_table(targets),

@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..cpu_kernels import describe as describe_cpu_kernels
+from ..cpu_kernels import switched
 from .flops import attention_context, matmul_param_count, training_flops_per_token
 from .kv_cache import cache_nbytes
 from .measure import (
@@ -485,6 +487,8 @@ def bench_train(opts: RunOptions, spec: BenchSpec, log: Log = print) -> list[dic
 
 
 SMALL_REFERENCE = "refgpt_sdpa"
+TORCH_OPS_SUFFIX = "_torch_ops"  # small cases run with HF_ATTN_CPU_KERNELS=0
+TORCH_OPS_NOTE = "HF_ATTN_CPU_KERNELS=0: RMSNorm, SwiGLU and rotation as PyTorch ops (hf_attn 0.5's path)"
 
 
 def small_builders(small: SmallSpec) -> dict[str, tuple[Callable[[], nn.Module], str]]:
@@ -512,6 +516,11 @@ def small_builders(small: SmallSpec) -> dict[str, tuple[Callable[[], nn.Module],
         OURS_PREFIX + "rope": (lambda: build_small_model("rope", small), f"{mlp}; rotary (no position table)"),
         OURS_PREFIX + "eager_gpt": (lambda: build_small_model("eager", small, **gpt), f"{gpt_note}; learned positions"),
         OURS_PREFIX + "rope_gpt": (lambda: build_small_model("rope", small, **gpt), f"{gpt_note}; rotary"),
+        # the same models on the PyTorch ops (HF_ATTN_CPU_KERNELS=0 while they run): what the kernels save
+        OURS_PREFIX + "eager" + TORCH_OPS_SUFFIX: (lambda: build_small_model("eager", small),
+                                                   f"{mlp}; learned positions; {TORCH_OPS_NOTE}"),
+        OURS_PREFIX + "rope" + TORCH_OPS_SUFFIX: (lambda: build_small_model("rope", small),
+                                                  f"{mlp}; rotary; {TORCH_OPS_NOTE}"),
         OURS_PREFIX + "local": (lambda: build_small_model("local", small, sliding_window=small.window),
                                 f"{mlp}; sliding_window={small.window} < n={small.block_size}"),
         OURS_PREFIX + "local_full": (lambda: build_small_model("local", small, sliding_window=small.block_size),
@@ -540,6 +549,14 @@ def _small_step(case: str, model: nn.Module, ids: torch.Tensor, optimizer: torch
     return step
 
 
+def _without_cpu_kernels(step: StepFn) -> StepFn:
+    def run() -> None:
+        with switched("0"):
+            step()
+
+    return run
+
+
 def bench_small(opts: RunOptions, log: Log = print) -> list[dict]:
     """Section ``small``: training steps (forward + backward + AdamW) at the baby-GPT size of
     ``opts.small``, every case interleaved in the same rounds, on ``opts.small.threads`` threads."""
@@ -562,6 +579,8 @@ def bench_small(opts: RunOptions, log: Log = print) -> list[dict]:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 runner = torch.compile(model, fullgraph=True, backend=opts.compile_backend) if compiled else model
                 step = _small_step(case, runner, ids, optimizer)
+                if case.endswith(TORCH_OPS_SUFFIX):
+                    step = _without_cpu_kernels(step)
                 if compiled:  # warmed up until no call compiles a new graph (the compile section's rule)
                     seconds, _, graphs = _warm_compiled(step, opts.warmup + 1)
                     note = (f"torch.compile(fullgraph=True, backend={opts.compile_backend!r}), {graphs} graph(s) "
@@ -740,6 +759,7 @@ def environment_info(opts: RunOptions, spec: BenchSpec, peak_flops: float) -> di
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu_kernels": describe_cpu_kernels(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "matmul_peak_flops": peak_flops,
         "matmul_peak_size": opts.peak_matmul_size,
@@ -765,7 +785,8 @@ def run_suite(opts: RunOptions, spec: BenchSpec, log: Log = print,
     peak_flops = matmul_peak_flops(opts.peak_matmul_size, dtype=spec.dtype)
     env = environment_info(opts, spec, peak_flops)
     log(f"device {env['device']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}, "
-        f"transformers {env['transformers']}, matmul peak {peak_flops / 1e9:.1f} GFLOP/s")
+        f"transformers {env['transformers']}, matmul peak {peak_flops / 1e9:.1f} GFLOP/s; fused CPU kernels: "
+        f"{env['cpu_kernels']}")
     rows: list[dict] = []
     sections: dict[str, Callable[[], list[dict]]] = {
         "attention": lambda: bench_attention(opts, spec, log),
