@@ -61,7 +61,8 @@ class _RMSNorm(torch.autograd.Function):
             grad_x, grad_w = ctx.kernels.rms_norm_bwd(grad.contiguous(), rows.contiguous(), weight.contiguous(), rstd,
                                                       need_x, need_w)
             return (grad_x.view(shape) if need_x else None), (grad_w if need_w else None), None
-        if torch.is_grad_enabled():  # a graph of the backward (double backward): rstd as a function of x
+        graph = torch.is_grad_enabled()  # the backward is recorded (double backward): out-of-place ops
+        if graph:  # rstd as a function of x
             rstd = torch.rsqrt(rows.square().mean(-1, keepdim=True) + ctx.eps)
         normed = rows * rstd
         grad_weight = (grad * normed).sum(0) if need_w else None
@@ -70,7 +71,10 @@ class _RMSNorm(torch.autograd.Function):
             grad_normed = grad * weight
             # d/dx of x * r(x): r * (g - x_hat * mean(g * x_hat))
             mean = torch.linalg.vecdot(grad_normed, normed).unsqueeze(-1).div_(rows.shape[-1])
-            grad_x = ((grad_normed - normed * mean) * rstd).view(shape)
+            if graph:
+                grad_x = ((grad_normed - normed * mean) * rstd).view(shape)
+            else:
+                grad_x = normed.mul_(mean).neg_().add_(grad_normed).mul_(rstd).view(shape)
         return grad_x, grad_weight, None
 
 

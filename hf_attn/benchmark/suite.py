@@ -535,8 +535,11 @@ def _small_step(case: str, model: nn.Module, ids: torch.Tensor, optimizer: torch
 
     Ours is called as the project's trainer calls it (``labels=ids, use_cache=False``; the loss shifts
     the labels); the reference gets the same targets already shifted (the last position ignored), so
-    both compute the same loss over the same logits.
+    both compute the same loss over the same logits. ``*_torch_ops`` cases step with
+    ``HF_ATTN_CPU_KERNELS=0``.
     """
+    if case.endswith(TORCH_OPS_SUFFIX):
+        return _without_cpu_kernels(_lm_step(model, ids, optimizer))
     if case != SMALL_REFERENCE:
         return _lm_step(model, ids, optimizer)
     targets = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)  # (B, n)
@@ -579,8 +582,6 @@ def bench_small(opts: RunOptions, log: Log = print) -> list[dict]:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 runner = torch.compile(model, fullgraph=True, backend=opts.compile_backend) if compiled else model
                 step = _small_step(case, runner, ids, optimizer)
-                if case.endswith(TORCH_OPS_SUFFIX):
-                    step = _without_cpu_kernels(step)
                 if compiled:  # warmed up until no call compiles a new graph (the compile section's rule)
                     seconds, _, graphs = _warm_compiled(step, opts.warmup + 1)
                     note = (f"torch.compile(fullgraph=True, backend={opts.compile_backend!r}), {graphs} graph(s) "
