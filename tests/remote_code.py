@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,8 @@ def run_without_hf_attn(code: str, cwd: str | Path, timeout: float = 300) -> sub
         "HOME": str(Path.home()),
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if "TORCH_EXTENSIONS_DIR" in os.environ:  # where the CPU kernels are built and cached
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout
     )
