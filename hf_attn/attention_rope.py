@@ -45,7 +45,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if kernels is not None:  # one pass over q and k, reading cos/sin (B, L, D) or the tables
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]
-        return _RotatePair.apply(q, k, cos, sin, kernels)
+        return _RotatePair.apply(_unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin), kernels)
     if cos.dim() == 3:
         cos, sin = rotary_head_tables(cos, sin, max(q.shape[1], k.shape[1]))
     return _RotatePair.apply(q, k, cos, sin, None)

@@ -11,7 +11,7 @@ model (``torch.compile`` and ``torch.export`` fuse the plain ops themselves). A 
 a graph (double backward) uses the differentiable PyTorch ops instead.
 
 Build: compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
-about 30 s on first use; cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+about 40 s with g++ on first use; cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
 when the first training step needs them. The environment variable ``HF_ATTN_CPU_KERNELS`` chooses:
 
 - ``auto`` (default): build on first use; if the build fails, warn once and use the PyTorch ops;

@@ -106,6 +106,23 @@ def test_rotate_kernel_equals_the_textbook_rotation_for_any_layout(ext, dtype, t
                                _textbook_rotation(expanded, cos[:, None], sin[:, None]), rtol=tol, atol=tol)
 
 
+def test_apply_rotary_gives_the_kernel_any_strides(cpu_kernels):
+    """q/k and cos/sin whose last axis is not contiguous are made so before the kernel reads them."""
+    from hf_attn.attention_rope import _rotated, apply_rotary
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 8, 5, dtype=torch.float64).transpose(-1, -2).requires_grad_()  # last stride 5
+    k = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(2, 5, 4, dtype=torch.float64)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    strided_cos = cos.transpose(-1, -2).contiguous().transpose(-1, -2)
+    got = apply_rotary(q, k, strided_cos, sin)
+    c, s = cos[:, None, :, :4], sin[:, None, :, :4]
+    for g, x in zip(got, (q, k)):
+        torch.testing.assert_close(g, _rotated(x, c, s), rtol=1e-12, atol=1e-12)
+    assert (cpu_kernels.calls == ["rotate", "rotate"]) == cpu_kernels.on
+
+
 def test_kernels_reject_what_they_cannot_read(ext):
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.rms_norm_fwd(torch.randn(4, 6).t(), torch.ones(4), 1e-6)
