@@ -12,14 +12,14 @@ gradients); it only records fewer autograd nodes and keeps fewer tensors for the
   so the (tokens x I) product is not kept either; the backward works on 2048-row slices (an input of
   one slice also keeps ``silu(gate)``, no more than that slice's backward temporaries, and skips
   recomputing it; with the CPU kernels nothing more is kept: their one backward pass recomputes it).
-
-On float32/float64 CPU tensors RMSNorm and the SwiGLU gate run as the C++ kernels of
-``cpu_kernels.py`` (one pass each way); a backward that is itself recorded (double backward) uses
-differentiable PyTorch ops.
 - ``chunked_lm_loss``: next-token cross-entropy of ``head(hidden)`` computed ``chunk`` rows at a time,
   so the (tokens x vocab) logits are never held: for a plain ``nn.Linear`` head the gradient of each
   chunk is formed as it is computed; any other head (hooks, adapters, offload wrappers, autocast) is
   called as a module under activation checkpointing, so it sees every call.
+
+On float32/float64 CPU tensors RMSNorm and the SwiGLU gate run as the C++ kernels of
+``cpu_kernels.py`` (one pass each way); a backward that is itself recorded (double backward) uses
+differentiable PyTorch ops.
 
 The plain forms run whenever no gradient is recorded and while ``torch.compile``/``torch.export``
 trace the model (the compiler fuses them there itself).
