@@ -45,10 +45,24 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if kernels is not None:  # one pass over q and k, reading cos/sin (B, L, D) or the tables
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]
-        return _RotatePair.apply(_unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin), kernels)
+        return tuple(kernels.rotate_pair_node(q, k, _unit_last(cos), _unit_last(sin)))
     if cos.dim() == 3:
         cos, sin = rotary_head_tables(cos, sin, max(q.shape[1], k.shape[1]))
-    return _RotatePair.apply(q, k, cos, sin, None)
+    return _RotatePair.apply(q, k, cos, sin)
+
+
+def split_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                 kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """q (B, H, L, D) and k (B, Hkv, L, D) rotated, and v, from the stacked q/k/v projection
+    (B, L, (H + 2 Hkv) D), as one C++ node of the CPU kernels (``split_rotate_node``: its backward
+    writes the projection's whole gradient, q and k rotated back, in one pass); ``None`` when the
+    kernels do not apply or cos/sin are per-head tables (then split and call ``apply_rotary``)."""
+    if cos.dim() != 3 or torch.compiler.is_compiling():
+        return None
+    kernels = rotary_kernels(qkv, cos, sin)
+    if kernels is None:
+        return None
+    return tuple(kernels.split_rotate_node(qkv, _unit_last(cos[:, None]), _unit_last(sin[:, None]), heads, kv_heads))
 
 
 def rotary_kernels(*tensors: torch.Tensor):
@@ -84,35 +98,28 @@ def rotary_head_tables(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tupl
 
 class _RotatePair(torch.autograd.Function):
     """The rotation of q and k in one autograd node, with nothing saved but the (shared) tables; the
-    backward is the rotation by the opposite angle.
+    backward is the rotation by the opposite angle. (The CPU kernels' node, ``rotate_pair_node``,
+    does the same with one pass per tensor, reading cos/sin (B or 1, 1, L, D) as they are.)
 
-    With the CPU kernels: one pass per tensor, cos/sin (B or 1, heads or 1, L, >= D/2). Otherwise
-    per tensor one full-width product and two half-width fused multiply-adds, with no
+    Per tensor one full-width product and two half-width fused multiply-adds, with no
     ``rotate_half`` copy: ``out = x cos``, then ``out1 -= x2 sin``, ``out2 += x1 sin`` (cos full
     width, both halves equal; sin its first half). The outputs keep the strides of q and k (the
     projections' (B, L, H, D) layout) and the dtype ``x * cos`` would have.
     """
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, kernels):
+    def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        ctx.dtypes, ctx.kernels = (q.dtype, k.dtype), kernels
-        if kernels is not None:
-            return kernels.rotate(q, cos, sin, 1.0), kernels.rotate(k, cos, sin, 1.0)
+        ctx.dtypes = (q.dtype, k.dtype)
         return _rotate(q, cos, sin, 1.0), _rotate(k, cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
         dtype_q, dtype_k = ctx.dtypes
-        if ctx.kernels is not None and not torch.is_grad_enabled():
-            return (ctx.kernels.rotate(_unit_last(grad_q), cos, sin, -1.0),
-                    ctx.kernels.rotate(_unit_last(grad_k), cos, sin, -1.0), None, None, None)
-        if sin.shape[-1] == cos.shape[-1]:  # the kernels' (B, 1, L, D) views: the tables _rotate reads
-            cos, sin = rotary_head_tables(cos[:, 0], sin[:, 0], max(grad_q.shape[1], grad_k.shape[1]))
         # the rotation by the opposite angle, written with differentiable ops (double backward works)
         return (_rotate(grad_q, cos, sin, -1.0).to(dtype_q), _rotate(grad_k, cos, sin, -1.0).to(dtype_k),
-                None, None, None)
+                None, None)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:

@@ -224,8 +224,10 @@ void swiglu_bwd(torch::Tensor gate_up, torch::Tensor grad, torch::Tensor grad_ga
 
 // ---------------------------------------------------------------- rotary
 // x (B, h, L, D) of any strides with a unit last stride; cos, sin (B, >= h or broadcast, L, >= D/2):
-// out1 = x1 cos - sign x2 sin, out2 = x2 cos + sign x1 sin (cos, sin: the first D/2 of each row).
-torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, double sign) {
+// out1 = x1 cos - sign x2 sin, out2 = x2 cos + sign x1 sin (cos, sin: the first D/2 of each row),
+// written into out (x's shape, any strides with a unit last stride).
+void rotate_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, double sign,
+                 const torch::Tensor& out) {
   TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && sin.dim() == 4, "x, cos and sin must be 4-D");
   TORCH_CHECK(x.stride(3) == 1 && cos.stride(3) == 1 && sin.stride(3) == 1, "the last axis must be contiguous");
   const int64_t B = x.size(0), H = x.size(1), L = x.size(2), D = x.size(3), half = D / 2;
@@ -236,7 +238,8 @@ torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, doub
   // a size-1 batch or head axis of cos/sin is broadcast
   const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), ch = cos.size(1) == 1 ? 0 : cos.stride(1);
   const int64_t sb = sin.size(0) == 1 ? 0 : sin.stride(0), sh = sin.size(1) == 1 ? 0 : sin.stride(1);
-  auto out = torch::empty_like(x);  // keeps x's strides when x is dense
+  TORCH_CHECK(out.sizes() == x.sizes() && out.stride(3) == 1 && out.scalar_type() == x.scalar_type(),
+              "out must have x's shape and dtype and a unit last stride");
   const int64_t xb = x.stride(0), xh = x.stride(1), xl = x.stride(2), cl = cos.stride(2), sl = sin.stride(2);
   const int64_t ob = out.stride(0), oh = out.stride(1), ol = out.stride(2);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rotate", [&] {
@@ -271,7 +274,205 @@ torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, doub
       }
     });
   });
+}
+
+// rotate_into a new tensor that keeps x's order of the batch, head and position axes (empty_like does
+// only for a dense x; q and k sliced from one q/k/v projection are (B, L, H, D) rows seen as (B, H, L, D))
+torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, double sign) {
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D");
+  auto out = x.stride(2) > x.stride(1) ? torch::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options()).transpose(1, 2)
+                                       : torch::empty_like(x, at::MemoryFormat::Contiguous);
+  rotate_into(x, cos, sin, sign, out);
   return out;
+}
+
+// ---------------------------------------------------------------- autograd nodes
+// The training step's functions as C++ autograd nodes: forward and backward run with no Python per
+// call. A backward that is itself recorded (create_graph=True: double backward) computes with
+// differentiable ATen ops instead of the kernels.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+torch::Tensor rows_of(const torch::Tensor& t) { return t.reshape({-1, t.size(-1)}).contiguous(); }
+
+torch::Tensor unit_last(const torch::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+struct RMSNormNode : public torch::autograd::Function<RMSNormNode> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor w, double eps) {
+    auto out = rms_norm_fwd(rows_of(x), w.contiguous(), eps);
+    ctx->save_for_backward({x, w, out[1]});
+    ctx->saved_data["eps"] = eps;
+    return out[0].view(x.sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor x = saved[0], w = saved[1];
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const torch::Tensor rows = rows_of(x), g = rows_of(grads[0]);
+    torch::Tensor gx, gw;
+    if (at::GradMode::is_enabled()) {  // rstd as a function of x
+      auto rstd = (rows.square().mean(-1, true) + ctx->saved_data["eps"].toDouble()).rsqrt();
+      auto normed = rows * rstd;
+      if (need_w) gw = (g * normed).sum(0);
+      if (need_x) {
+        auto gn = g * w;
+        auto mean = (gn * normed).sum(-1, true) / double(rows.size(1));
+        gx = ((gn - normed * mean) * rstd).view(x.sizes());
+      }
+    } else {
+      auto out = rms_norm_bwd(g, rows, w.contiguous(), saved[2], need_x, need_w);
+      if (need_x) gx = out[0].view(x.sizes());
+      if (need_w) gw = out[1];
+    }
+    return {gx, gw, torch::Tensor()};
+  }
+};
+
+// down(silu(gate) * up) with down's weight (C, I): keeps gate_up only; the backward recomputes the
+// product, ``slice`` rows at a time (bounding its temporaries to (slice, I))
+struct SwiGLULinearNode : public torch::autograd::Function<SwiGLULinearNode> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor gate_up, torch::Tensor weight, int64_t slice) {
+    TORCH_CHECK(slice > 0, "slice must be positive");
+    ctx->save_for_backward({gate_up, weight});
+    ctx->saved_data["slice"] = slice;
+    auto shape = gate_up.sizes().vec();
+    shape.back() = weight.size(0);
+    return at::linear(swiglu_fwd(rows_of(gate_up)), weight).view(shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor gate_up = saved[0], weight = saved[1];
+    const bool need_in = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const torch::Tensor rows = rows_of(gate_up), g = rows_of(grads[0]);
+    const int64_t R = rows.size(0), I = rows.size(1) / 2;
+    torch::Tensor gi, gw;
+    if (at::GradMode::is_enabled()) {
+      auto parts = rows.chunk(2, -1);
+      auto sig = parts[0].sigmoid();
+      auto silu = parts[0] * sig;
+      auto gp = g.mm(weight);
+      if (need_in) gi = at::cat({gp * parts[1] * sig * (1 + parts[0] * (1 - sig)), gp * silu}, -1).view(gate_up.sizes());
+      if (need_w) gw = g.t().mm(silu * parts[1]);
+      return {gi, gw, torch::Tensor()};
+    }
+    const int64_t slice = ctx->saved_data["slice"].toInt();
+    if (need_in) gi = torch::empty_like(rows);
+    for (int64_t s = 0; s < R; s += slice) {
+      const int64_t len = std::min(slice, R - s);
+      const torch::Tensor gs = g.narrow(0, s, len), part = rows.narrow(0, s, len);
+      torch::Tensor product;
+      if (need_in) {
+        std::optional<torch::Tensor> keep;
+        if (need_w) keep = torch::empty({len, I}, rows.options());
+        swiglu_bwd(part, gs.mm(weight), gi.narrow(0, s, len), keep);
+        if (need_w) product = *keep;
+      } else {
+        product = swiglu_fwd(part);
+      }
+      if (need_w) gw = gw.defined() ? gw.addmm_(gs.t(), product) : gs.t().mm(product);
+    }
+    return {need_in ? gi.view(gate_up.sizes()) : gi, gw, torch::Tensor()};
+  }
+};
+
+// The rotation as differentiable ATen ops (what a recorded backward computes): x (B, h, L, D), cos/sin
+// (B or 1, 1, L, D) with equal halves.
+torch::Tensor rotate_ops(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, double sign) {
+  const int64_t half = x.size(-1) / 2;
+  auto c = cos.narrow(-1, 0, half), s = sin.narrow(-1, 0, half) * sign;
+  auto x1 = x.narrow(-1, 0, half), x2 = x.narrow(-1, half, half);
+  return at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1);
+}
+
+// q (B, H, L, D) and k (B, Hkv, L, D) rotated by the angles of cos/sin (B or 1, 1, L, D); keeps cos/sin only
+struct RotatePairNode : public torch::autograd::Function<RotatePairNode> {
+  static variable_list forward(AutogradContext* ctx, torch::Tensor q, torch::Tensor k, torch::Tensor cos,
+                               torch::Tensor sin) {
+    ctx->save_for_backward({cos, sin});
+    return {rotate(unit_last(q), cos, sin, 1.0), rotate(unit_last(k), cos, sin, 1.0)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor cos = saved[0], sin = saved[1];
+    variable_list out{torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    for (int i = 0; i < 2; ++i) {
+      if (!ctx->needs_input_grad(i)) continue;
+      // the rotation by the opposite angle
+      out[i] = at::GradMode::is_enabled() ? rotate_ops(grads[i], cos, sin, -1.0) : rotate(unit_last(grads[i]), cos, sin, -1.0);
+    }
+    return out;
+  }
+};
+
+// The (B, L, (H + 2 Hkv) D) output of the stacked q/k/v projection -> q and k rotated, (B, H, L, D) and
+// (B, Hkv, L, D) in the projection's (B, L, heads, D) order, and v, a view of it. The backward writes
+// the gradient of all three into one (B, L, (H + 2 Hkv) D) tensor, the q and k parts rotated back on the
+// way: no separate rotated gradients, no concatenation. Keeps cos/sin (B or 1, 1, L, D) only.
+struct SplitRotateNode : public torch::autograd::Function<SplitRotateNode> {
+  static std::vector<torch::Tensor> heads_of(const torch::Tensor& qkv, int64_t heads, int64_t kv_heads) {
+    const int64_t B = qkv.size(0), L = qkv.size(1), D = qkv.size(2) / (heads + 2 * kv_heads);
+    std::vector<torch::Tensor> out;
+    int64_t start = 0;
+    for (int64_t h : {heads, kv_heads, kv_heads}) {
+      out.push_back(qkv.narrow(2, start, h * D).view({B, L, h, D}).transpose(1, 2));
+      start += h * D;
+    }
+    return out;
+  }
+
+  static variable_list forward(AutogradContext* ctx, torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                               int64_t heads, int64_t kv_heads) {
+    TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % (heads + 2 * kv_heads) == 0, "qkv must be (B, L, (H + 2 Hkv) D)");
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["kv_heads"] = kv_heads;
+    auto parts = heads_of(qkv, heads, kv_heads);
+    return {rotate(parts[0], cos, sin, 1.0), rotate(parts[1], cos, sin, 1.0), parts[2]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor cos = saved[0], sin = saved[1];
+    const int64_t heads = ctx->saved_data["heads"].toInt(), kv_heads = ctx->saved_data["kv_heads"].toInt();
+    const int64_t B = grads[0].size(0), L = grads[0].size(2), D = grads[0].size(3);
+    const variable_list none{torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    variable_list out{torch::Tensor()};
+    out.insert(out.end(), none.begin(), none.end());
+    if (at::GradMode::is_enabled()) {  // differentiable ops: rotate back, then heads side by side again
+      std::vector<torch::Tensor> parts;
+      for (int i = 0; i < 3; ++i) {
+        auto g = i < 2 ? rotate_ops(grads[i], cos, sin, -1.0) : grads[i];
+        parts.push_back(g.transpose(1, 2).reshape({B, L, -1}));
+      }
+      out[0] = at::cat(parts, -1);
+      return out;
+    }
+    auto grad = torch::empty({B, L, (heads + 2 * kv_heads) * D}, grads[0].options());
+    auto parts = heads_of(grad, heads, kv_heads);
+    rotate_into(unit_last(grads[0]), cos, sin, -1.0, parts[0]);
+    rotate_into(unit_last(grads[1]), cos, sin, -1.0, parts[1]);
+    parts[2].copy_(grads[2]);
+    out[0] = grad;
+    return out;
+  }
+};
+
+torch::Tensor rms_norm_node(torch::Tensor x, torch::Tensor w, double eps) { return RMSNormNode::apply(x, w, eps); }
+
+torch::Tensor swiglu_linear_node(torch::Tensor gate_up, torch::Tensor weight, int64_t slice) {
+  return SwiGLULinearNode::apply(gate_up, weight, slice);
+}
+
+variable_list rotate_pair_node(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  return RotatePairNode::apply(q, k, cos, sin);
+}
+
+variable_list split_rotate_node(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads,
+                                int64_t kv_heads) {
+  return SplitRotateNode::apply(qkv, cos, sin, heads, kv_heads);
 }
 
 }  // namespace
@@ -282,6 +483,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_fwd", &swiglu_fwd);
   m.def("swiglu_bwd", &swiglu_bwd);
   m.def("rotate", &rotate);
+  m.def("rms_norm_node", &rms_norm_node);
+  m.def("swiglu_linear_node", &swiglu_linear_node);
+  m.def("rotate_pair_node", &rotate_pair_node);
+  m.def("split_rotate_node", &split_rotate_node);
 }
 """
 
@@ -341,12 +546,12 @@ def kernels():
 def usable(*tensors: torch.Tensor):
     """The extension when every tensor is a float32/float64 CPU tensor of one dtype and nothing traces
     the model; else ``None``. Builds the extension on the first call that needs it."""
-    first = tensors[0]
-    if (first.device.type != "cpu" or first.dtype not in _DTYPES or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()):
+    dtype = tensors[0].dtype
+    if dtype not in _DTYPES or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
-    if any(t.device.type != "cpu" or t.dtype != first.dtype for t in tensors[1:]):
-        return None
+    for t in tensors:  # (a plain loop: this runs for every fused op of every layer)
+        if not t.is_cpu or t.dtype is not dtype:
+            return None
     return kernels()
 
 

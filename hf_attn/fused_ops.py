@@ -37,18 +37,13 @@ from .cpu_kernels import usable
 
 
 class _RMSNorm(torch.autograd.Function):
-    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; x and w of one floating dtype. One pass
-    each way with the CPU kernels (``cpu_kernels``), else a few PyTorch ops."""
+    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim; x and w of one floating dtype, as a few
+    PyTorch ops (the CPU kernels' node, ``rms_norm_node``, makes one pass each way)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        ctx.kernels, ctx.eps = usable(rows, weight), eps
-        if ctx.kernels is not None:
-            rows = rows.contiguous()
-            out, rstd = ctx.kernels.rms_norm_fwd(rows, weight.contiguous(), eps)
-            ctx.save_for_backward(x, weight, rstd)
-            return out.view_as(x)
+        ctx.eps = eps
         # mean(x^2) from one fused reduction: (|x| / sqrt(C))^2
         rstd = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).div_(x.shape[-1] ** 0.5)
         rstd = rstd.square_().add_(eps).rsqrt_()  # (rows, 1)
@@ -61,10 +56,6 @@ class _RMSNorm(torch.autograd.Function):
         shape = x.shape
         rows, grad = x.reshape(-1, shape[-1]), grad.reshape(-1, shape[-1])
         need_x, need_w = ctx.needs_input_grad[:2]
-        if ctx.kernels is not None and not torch.is_grad_enabled():  # a double backward takes the ops below
-            grad_x, grad_w = ctx.kernels.rms_norm_bwd(grad.contiguous(), rows.contiguous(), weight.contiguous(), rstd,
-                                                      need_x, need_w)
-            return (grad_x.view(shape) if need_x else None), (grad_w if need_w else None), None
         graph = torch.is_grad_enabled()  # the backward is recorded (double backward): out-of-place ops
         if graph:  # rstd as a function of x
             rstd = torch.rsqrt(rows.square().mean(-1, keepdim=True) + ctx.eps)
@@ -95,12 +86,16 @@ def norm_in_float32(norm, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool) -> torch.Tensor:
     """RMSNorm of ``x`` scaled by ``weight``, computed in float32 (float64 for float64 input) and
     returned in ``x``'s dtype."""
+    fused = fused and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
     def norm(x32: torch.Tensor, w32: torch.Tensor) -> torch.Tensor:
-        if fused and torch.is_grad_enabled() and (x32.requires_grad or w32.requires_grad):
-            return _RMSNorm.apply(x32, w32, eps)
-        return F.rms_norm(x32, (x32.shape[-1],), w32, eps)
+        if not fused:
+            return F.rms_norm(x32, (x32.shape[-1],), w32, eps)
+        kernels = usable(x32, w32)
+        return kernels.rms_norm_node(x32, w32, eps) if kernels is not None else _RMSNorm.apply(x32, w32, eps)
 
+    if x.dtype is torch.float32 and weight.dtype is torch.float32:  # no casts: the common case
+        return norm(x, weight)
     return norm_in_float32(norm, x, weight)
 
 
@@ -166,15 +161,11 @@ class _SiluMul(torch.autograd.Function):
 
 class _SiluMulLinear(torch.autograd.Function):
     """(silu(gate) * up) @ weight.T: the product is recomputed in the backward, slice by slice,
-    so neither it nor its gradient is ever held for all rows."""
+    so neither it nor its gradient is ever held for all rows. PyTorch ops; the CPU kernels' node
+    (``swiglu_linear_node``) does the same with one pass each way."""
 
     @staticmethod
     def forward(ctx, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.kernels = usable(gate_up, weight)
-        if ctx.kernels is not None:  # one pass; the backward's kernel recomputes what it needs
-            rows = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
-            ctx.save_for_backward(gate_up, weight)
-            return F.linear(ctx.kernels.swiglu_fwd(rows), weight).view(*gate_up.shape[:-1], -1)
         gate, up = gate_up.chunk(2, dim=-1)
         silu = F.silu(gate)
         out = F.linear(silu * up, weight)
@@ -193,21 +184,12 @@ class _SiluMulLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # double backward: a differentiable graph (all rows at once)
             grad_gate_up, product = _silu_mul_grad_graph(rows_in, rows_grad @ weight)
             return grad_gate_up.view_as(gate_up), rows_grad.t() @ product
-        kernels = ctx.kernels
-        if kernels is not None:
-            rows_in, rows_grad = rows_in.contiguous(), rows_grad.contiguous()
         silu = kept[0].reshape(-1, kept[0].shape[-1]) if kept else None
         grad_gate_up = torch.empty_like(rows_in) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for s in range(0, rows_in.shape[0], _ROWS):
             g, part = rows_grad[s:s + _ROWS], rows_in[s:s + _ROWS]
-            if kernels is not None:
-                if grad_gate_up is not None:
-                    product = part.new_empty(part.shape[0], part.shape[1] // 2) if grad_weight is not None else None
-                    kernels.swiglu_bwd(part, g @ weight, grad_gate_up[s:s + _ROWS], product)
-                else:
-                    product = kernels.swiglu_fwd(part)
-            elif grad_gate_up is not None:
+            if grad_gate_up is not None:
                 kept = None if silu is None else silu[s:s + _ROWS]
                 product = _silu_mul_grad(part, g @ weight, grad_gate_up[s:s + _ROWS], True, kept)
             else:
@@ -233,6 +215,9 @@ def silu_mul_linear(gate_up: torch.Tensor, down: nn.Module, fused: bool) -> torc
     if (fused and torch.is_grad_enabled() and plain_linear(down) and gate_up.dtype == down.weight.dtype
             and not torch.is_autocast_enabled(gate_up.device.type)
             and (gate_up.requires_grad or down.weight.requires_grad)):
+        kernels = usable(gate_up, down.weight)
+        if kernels is not None:
+            return kernels.swiglu_linear_node(gate_up, down.weight, _ROWS)
         return _SiluMulLinear.apply(gate_up, down.weight)
     return down(silu_mul(gate_up, fused))
 
@@ -247,33 +232,39 @@ def _next_token_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(hidden @ weight.T, targets) / denominator, ``chunk`` rows at a
-    time; the gradients are formed in the forward, chunk by chunk, and scaled in the backward."""
+    time; the gradients are formed in the forward, chunk by chunk, and scaled in the backward.
+    ``denominator`` ``None``: the targets that are not ``ignore_index`` (counted by the loss kernel).
+
+    Per chunk it runs the kernels autograd runs for ``F.cross_entropy``: ``log_softmax`` and
+    ``nll_loss`` (sum), and for the gradient ``nll_loss_backward`` (-1 at each counted target) and
+    ``_log_softmax_backward_data`` (adds the softmax on counted rows), so ignored rows get 0."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, ignore_index, denominator):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for a float64 model
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
-        total = hidden.new_zeros((), dtype=acc)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden and hidden.shape[0] > chunk else None
+        grad_weight = total = count = one = None
+        aten = torch.ops.aten
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            t = targets[start:start + chunk]
-            logits = (h @ weight.t()).to(acc)  # (rows, vocab): the only one alive
-            valid = t != ignore_index
-            safe = t.masked_fill(~valid, 0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
-            if grad_hidden is None and grad_weight is None:
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            log_probs = torch.log_softmax(h @ weight.t(), dim=-1, dtype=acc)  # (rows, vocab): the only one alive
+            loss, counted = aten.nll_loss_forward(log_probs, t, None, 2, ignore_index)  # 2: reduction "sum"
+            total, count = (loss, counted) if total is None else (total + loss, count + counted)
+            if not (need_hidden or need_weight):
                 continue
-            # d loss / d logits = softmax - one_hot(target) on valid rows, 0 elsewhere
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()
-            probs.scatter_add_(1, safe, -valid.unsqueeze(1).to(probs.dtype))
-            probs.mul_(valid.unsqueeze(1))
-            dlogits = probs.to(hidden.dtype)
-            if grad_hidden is not None:
+            # d loss / d logits = softmax - one_hot(target) on counted rows, 0 on ignored ones
+            one = log_probs.new_ones(()) if one is None else one
+            dlogits = aten._log_softmax_backward_data(
+                aten.nll_loss_backward(one, log_probs, t, None, 2, ignore_index, counted), log_probs, -1, hidden.dtype)
+            if need_hidden and grad_hidden is None:  # one chunk: the product is the whole gradient
+                grad_hidden = dlogits @ weight
+            elif need_hidden:
                 torch.mm(dlogits, weight, out=grad_hidden[start:start + chunk])
-            if grad_weight is not None:
-                grad_weight.addmm_(dlogits.t().to(acc), h.to(acc))
+            if need_weight:
+                part = (dlogits.t().to(acc), h.to(acc))
+                grad_weight = torch.mm(*part) if grad_weight is None else grad_weight.addmm_(*part)
+        denominator = count if denominator is None else denominator
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight, denominator)
         return total / denominator
@@ -331,14 +322,13 @@ def chunked_lm_loss(
     """
     targets = _next_token_targets(labels, shift_labels, ignore_index).reshape(-1).to(hidden.device)
     rows = hidden.reshape(-1, hidden.shape[-1])
-    if num_items_in_batch is None:
-        denominator = (targets != ignore_index).sum()
-    else:
-        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device)
-    denominator = denominator.to(torch.promote_types(hidden.dtype, torch.float32))
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    denominator = None if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=hidden.device).to(acc)
     autocast = torch.is_autocast_enabled(hidden.device.type)
     if plain_linear(head) and not autocast and rows.dtype == head.weight.dtype:
         return _LinearCrossEntropy.apply(rows, head.weight, targets, chunk, ignore_index, denominator)
+    if denominator is None:
+        denominator = (targets != ignore_index).sum().to(acc)
     total = rows.new_zeros((), dtype=denominator.dtype)
     for start in range(0, rows.shape[0], chunk):
         total = total + checkpoint(

@@ -36,7 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention_lowrank import linformer_init_std
 from .attention_registry import FULL_ATTENTION_KERNELS, get_attention_spec
-from .attention_rope import HfAttnRotary, apply_rotary, rotary_head_tables, rotary_kernels
+from .attention_rope import HfAttnRotary, apply_rotary, rotary_head_tables, rotary_kernels, split_rotate
 from .cache_hf_attn import BoundedTensorCache, HfAttnCache, check_cache, past_length
 from .configuration_hf_attn import HfAttnConfig
 from .fused_ops import chunked_lm_loss, norm_in_float32, plain_linear, rms_norm, silu_mul_linear
@@ -55,8 +55,10 @@ AUTO_MAP = {
 
 def _fused(config: HfAttnConfig | None) -> bool:
     """Whether the fused training ops (``fused_ops.py``) may run: ``config.fused_ops`` and not while
-    ``torch.compile`` / ``torch.export`` trace the model (the compiler fuses the plain ops itself)."""
-    return (config is None or config.fused_ops) and not _tracing()
+    ``torch.compile`` / ``torch.export`` trace the model (the compiler fuses the plain ops itself).
+    Read at every call (the field may be switched on a built model), straight from the config's
+    fields: the config's attribute machinery costs more than the read on this per-layer path."""
+    return (config is None or vars(config).get("fused_ops", True)) and not _tracing()
 
 
 class HfAttnRMSNorm(nn.Module):
@@ -165,16 +167,16 @@ class HfAttnAttention(nn.Module):
             return ALL_ATTENTION_FUNCTIONS.get_interface(impl, FULL_ATTENTION_KERNELS["sdpa"]), impl
         return self.spec.kernel, "eager" if impl == "eager" else "sdpa"
 
-    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections (B, L, H*D), (B, L, Hkv*D) x 2. While training (gradients recorded) with
-        three plain bias-free ``nn.Linear`` modules (no hooks, adapters or offload: ``plain_linear``),
-        one matmul with their weights stacked (one node, one weight-gradient matmul); otherwise, and
-        always in inference (where stacking would copy the weights for every decoded token), each
-        module is called, so hooks and adapters see every call."""
+    def _project(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections: (B, L, H*D), (B, L, Hkv*D) x 2, or the three side by side in one
+        (B, L, (H + 2 Hkv) D) tensor. Stacked while training (gradients recorded) with three plain
+        bias-free ``nn.Linear`` modules (no hooks, adapters or offload: ``plain_linear``): one matmul
+        with their weights stacked (one node, one weight-gradient matmul). Otherwise, and always in
+        inference (where stacking would copy the weights for every decoded token), each module is
+        called, so hooks and adapters see every call."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if torch.is_grad_enabled() and _fused(self.config) and all(plain_linear(p) for p in projections):
-            weight = torch.cat([p.weight for p in projections])
-            return F.linear(hidden_states, weight).split([p.out_features for p in projections], dim=-1)
+            return F.linear(hidden_states, torch.cat([p.weight for p in projections]))
         return tuple(p(hidden_states) for p in projections)
 
     def forward(
@@ -191,12 +193,23 @@ class HfAttnAttention(nn.Module):
         """``attention_kwargs``: what transformers passes on to attention functions (e.g. flash
         attention's ``cu_seq_lens_q``); the model only lets them through for the full modes."""
         b, length, _ = hidden_states.shape
-        query, key, value = self._project(hidden_states)
-        query = query.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
-        key = key.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
-        value = value.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if position_embeddings is not None:
-            query, key = apply_rotary(query, key, *position_embeddings)
+        projected = self._project(hidden_states)
+        heads = None
+        if position_embeddings is not None and isinstance(projected, torch.Tensor):
+            # one C++ node splits the heads and rotates q and k, both ways (CPU kernels), or None
+            heads = split_rotate(projected, *position_embeddings, self.num_heads, self.num_kv_heads)
+        if heads is not None:
+            query, key, value = heads
+        else:
+            if isinstance(projected, torch.Tensor):
+                width = self.head_dim * self.num_kv_heads
+                projected = projected.split_with_sizes([self.head_dim * self.num_heads, width, width], dim=-1)
+            query, key, value = projected
+            query = query.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+            key = key.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+            value = value.view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            if position_embeddings is not None:
+                query, key = apply_rotary(query, key, *position_embeddings)
 
         cache_layer = None
         if cache is not None:

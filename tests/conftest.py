@@ -85,6 +85,12 @@ class KernelSpy:
         return call
 
 
+def node_name(tensor: torch.Tensor) -> str:
+    """The autograd node that made ``tensor``: a Python function's backward (``_RMSNormBackward``) or
+    a C++ node by its struct name (``RMSNormNode`` for ``torch::autograd::CppNode<...::RMSNormNode>``)."""
+    return tensor.grad_fn.name().rsplit("::", 1)[-1].rstrip(">")
+
+
 @pytest.fixture(params=[True, False], ids=["kernels", "torch-ops"])
 def cpu_kernels(request, monkeypatch) -> SimpleNamespace:
     """Runs a test with the fused CPU kernels (``HF_ATTN_CPU_KERNELS=1``: built once, then cached;

@@ -80,7 +80,7 @@ def test_fused_rotation_matches_textbook_form_and_gradients(table_dtype, cpu_ker
     expected = torch.autograd.grad((eq, ek), (q, k), grads)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-7)
-    kernel_ran = cpu_kernels.calls == ["rotate"] * 4  # q and k, forward and backward
+    kernel_ran = cpu_kernels.calls == ["rotate_pair_node"]  # q and k, forward and backward in its C++ node
     assert kernel_ran == (cpu_kernels.on and table_dtype == torch.float64)
     bq = torch.randn(1, 4, 7, 8, dtype=torch.bfloat16)  # bf16 activations, wider tables -> their dtype, as x * cos
     assert apply_rotary(bq, bq, cos[:1], sin[:1])[0].dtype == table_dtype
@@ -94,7 +94,7 @@ def test_rotation_supports_double_backward(cpu_kernels):
     q = torch.randn(1, 4, 5, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: apply_rotary(a, b, cos, sin), (q, k))
-    assert ("rotate" in cpu_kernels.calls) == cpu_kernels.on
+    assert ("rotate_pair_node" in cpu_kernels.calls) == cpu_kernels.on
 
 
 def test_tables_are_sized_from_lengths_never_from_position_values():
@@ -161,7 +161,7 @@ def test_rotation_tables_are_built_once_per_forward_and_follow_in_place_changes(
     for a, b in zip(after, fresh):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the broadcast (one-head) tables other devices get rotate the same
-    broadcast = _RotatePair.apply(q, k, cos[:, None], sin[:, None, :, :4], None)
+    broadcast = _RotatePair.apply(q, k, cos[:, None], sin[:, None, :, :4])
     for a, b in zip(after, broadcast):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODE_IDS, MODE_VARIANTS, tiny_config
+from conftest import MODE_IDS, MODE_VARIANTS, node_name, tiny_config
 
 from hf_attn import HfAttnForCausalLM
 from hf_attn.fused_ops import chunked_lm_loss, rms_norm, silu_mul
@@ -40,14 +40,14 @@ def test_rms_norm_matches_plain(dtype, cpu_kernels):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(dx, ref_dx, rtol=tol, atol=tol)
     torch.testing.assert_close(dw, ref_dw, rtol=tol, atol=tol * 10)
-    assert (cpu_kernels.calls == ["rms_norm_fwd", "rms_norm_bwd"]) == cpu_kernels.on
+    assert (cpu_kernels.calls == ["rms_norm_node"]) == cpu_kernels.on
 
 
 def test_rms_norm_records_one_node_and_keeps_input_and_rstd(cpu_kernels):
     x = torch.randn(4, 8, 16, requires_grad=True)
     w = torch.ones(16, requires_grad=True)
     out = rms_norm(x, w, 1e-6, fused=True)
-    assert type(out.grad_fn).__name__ == "_RMSNormBackward"
+    assert node_name(out) == ("RMSNormNode" if cpu_kernels.on else "_RMSNormBackward")
     shapes = _saved_shapes(lambda: rms_norm(x, w, 1e-6, fused=True))
     assert sorted(shapes) == sorted([(4, 8, 16), (16,), (32, 1)])
     # only the weight trains (frozen input): its gradient alone, the input's is not formed
@@ -81,16 +81,18 @@ def _loss_and_grads(model, ids, labels, chunk, **kwargs):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("chunk", [7, 64], ids=["chunks", "one_chunk"])
 @pytest.mark.parametrize("mode,positions", MODE_VARIANTS, ids=MODE_IDS)
-def test_chunked_loss_equals_full_logits_loss(mode, positions):
+def test_chunked_loss_equals_full_logits_loss(mode, positions, chunk):
     """float64: the chunked loss and every parameter gradient equal cross-entropy over the full logits
-    (7-token chunks do not divide the 3 x 21 tokens; ignored labels included)."""
+    (7-token chunks do not divide the 3 x 21 tokens; 64 holds them in one chunk, which takes its own
+    path; ignored labels included)."""
     torch.manual_seed(0)
     model = HfAttnForCausalLM(tiny_config(mode, positions)).double()
     ids = torch.randint(1, 97, (3, 21))
     labels = ids.clone()
     labels[0, :6] = -100
-    out, grads = _loss_and_grads(model, ids, labels, chunk=7)
+    out, grads = _loss_and_grads(model, ids, labels, chunk=chunk)
     assert out.logits is None
     model.zero_grad(set_to_none=True)
     model.config.loss_chunk_size = 0
@@ -179,13 +181,14 @@ def test_logits_returned_without_gradients_or_with_custom_loss():
     torch.testing.assert_close(out.loss, out.logits.logsumexp(-1).mean())
 
 
-def test_chunked_lm_loss_function_direct():
+@pytest.mark.parametrize("chunk", [4, 18])
+def test_chunked_lm_loss_function_direct(chunk):
     """The function on its own, with a plain head: mean over valid targets, as F.cross_entropy."""
     torch.manual_seed(3)
     head = torch.nn.Linear(8, 11, bias=False).double()
     hidden = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 11, (2, 9))
-    loss = chunked_lm_loss(head, hidden, labels, chunk=4)
+    loss = chunked_lm_loss(head, hidden, labels, chunk=chunk)
     ref = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, ref)
     g1 = torch.autograd.grad(loss, (hidden, head.weight))
@@ -286,14 +289,14 @@ def test_fused_ops_off_records_plain_ops_with_the_same_results():
     def walk(fn):
         if fn is not None and fn not in seen:
             seen.add(fn)
-            names.add(type(fn).__name__)
+            names.add(fn.name())
             for next_fn, _ in fn.next_functions:
                 walk(next_fn)
 
     seen = set()
     out = model(input_ids=ids, labels=ids, use_cache=False)
     walk(out.loss.grad_fn)
-    assert not any(n.startswith(("_RMSNorm", "_SiluMul", "_LinearCrossEntropy")) for n in names), names
+    assert not any(n.startswith(("_RMSNorm", "_SiluMul", "_LinearCrossEntropy")) or "CppNode" in n for n in names), names
     # double backward through the plain graph
     weight = model.model.layers[0].mlp.down_proj.weight
     (grad,) = torch.autograd.grad(out.loss, weight, create_graph=True)
@@ -323,14 +326,13 @@ def test_silu_mul_linear_matches_plain_and_bounds_what_it_keeps(monkeypatch, row
     ref = down(F.silu(gate) * up)
     ref_grads = torch.autograd.grad(ref, (gu, down.weight), g)
     out = fused.silu_mul_linear(gu, down, fused=True)
-    assert type(out.grad_fn).__name__ == "_SiluMulLinearBackward"
+    assert node_name(out) == ("SwiGLULinearNode" if cpu_kernels.on else "_SiluMulLinearBackward")
     grads = torch.autograd.grad(out, (gu, down.weight), g)
     torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     kept = sorted(_saved_shapes(lambda: fused.silu_mul_linear(gu, down, fused=True)))
-    slices = -(-gu.shape[0] * gu.shape[1] // rows_per_slice)
-    assert (cpu_kernels.calls[:1 + slices] == ["swiglu_fwd"] + ["swiglu_bwd"] * slices) == cpu_kernels.on
+    assert (cpu_kernels.calls == ["swiglu_linear_node"] * 2) == cpu_kernels.on  # (the backward's slices run in C++)
     one_slice = gu.shape[0] * gu.shape[1] <= rows_per_slice and not cpu_kernels.on
     expected = [(2, 7, 12), (2, 7, 24), (5, 12)] if one_slice else [(2, 7, 24), (5, 12)]
     assert kept == expected
@@ -339,14 +341,18 @@ def test_silu_mul_linear_matches_plain_and_bounds_what_it_keeps(monkeypatch, row
 def test_swiglu_functions_support_double_backward(cpu_kernels):
     """A backward that builds a graph (``create_graph=True``) takes differentiable ops, so second
     derivatives of the SwiGLU gate, alone and with ``down_proj``, pass torch's numerical check."""
+    from hf_attn import cpu_kernels as kernel_switch
     from hf_attn.fused_ops import _SiluMulLinear
 
     torch.manual_seed(0)
     gu = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a: silu_mul(a, fused=True), (gu,))
+    if cpu_kernels.on:  # the kernels' C++ node (2-row slices), else the PyTorch-ops function
+        assert torch.autograd.gradgradcheck(lambda a, b: kernel_switch.kernels().swiglu_linear_node(a, b, 2), (gu, w))
     assert torch.autograd.gradgradcheck(lambda a, b: _SiluMulLinear.apply(a, b), (gu, w))
     assert ("swiglu_fwd" in cpu_kernels.calls) == cpu_kernels.on
+    assert ("swiglu_linear_node" in cpu_kernels.calls) == cpu_kernels.on
 
 
 def test_gradient_penalty_through_the_fused_model_equals_plain_ops():
