@@ -430,7 +430,12 @@ struct SplitRotateNode : public torch::autograd::Function<SplitRotateNode> {
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["kv_heads"] = kv_heads;
     auto parts = heads_of(qkv, heads, kv_heads);
-    return {rotate(parts[0], cos, sin, 1.0), rotate(parts[1], cos, sin, 1.0), parts[2]};
+    // q and k rotated into (B, h, L, D)-contiguous tensors: CPU sdpa runs faster on those than on the
+    // projection's (B, L, h, D) order
+    auto q = torch::empty(parts[0].sizes(), qkv.options()), k = torch::empty(parts[1].sizes(), qkv.options());
+    rotate_into(parts[0], cos, sin, 1.0, q);
+    rotate_into(parts[1], cos, sin, 1.0, k);
+    return {q, k, parts[2]};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

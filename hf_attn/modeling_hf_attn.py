@@ -56,9 +56,10 @@ AUTO_MAP = {
 def _fused(config: HfAttnConfig | None) -> bool:
     """Whether the fused training ops (``fused_ops.py``) may run: ``config.fused_ops`` and not while
     ``torch.compile`` / ``torch.export`` trace the model (the compiler fuses the plain ops itself).
-    Read at every call (the field may be switched on a built model), straight from the config's
-    fields: the config's attribute machinery costs more than the read on this per-layer path."""
-    return (config is None or vars(config).get("fused_ops", True)) and not _tracing()
+    Read at every call (the field may be switched on a built model) with ``object.__getattribute__``:
+    the config's own attribute lookup (its ``attribute_map`` aliases, which do not name this field)
+    costs more than the read on this per-layer path."""
+    return (config is None or object.__getattribute__(config, "fused_ops")) and not _tracing()
 
 
 class HfAttnRMSNorm(nn.Module):

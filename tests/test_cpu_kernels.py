@@ -106,6 +106,30 @@ def test_rotate_kernel_equals_the_textbook_rotation_for_any_layout(ext, dtype, t
                                _textbook_rotation(expanded, cos[:, None], sin[:, None]), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_split_rotate_node_equals_split_then_rotate(ext, kv_heads, threads):
+    """The node over the stacked q/k/v projection gives q and k rotated ((B, h, L, D)-contiguous) and v
+    a view of the projection, and its backward the same gradient as splitting and rotating with
+    PyTorch ops (float64), first and second derivatives (a recorded backward takes ATen ops)."""
+    torch.manual_seed(0)
+    b, heads, length, dim = 2, 4, 5, 8
+    qkv = torch.randn(b, length, (heads + 2 * kv_heads) * dim, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(b, length, dim // 2, dtype=torch.float64)
+    cos, sin = torch.cat((angles, angles), -1).cos()[:, None], torch.cat((angles, angles), -1).sin()[:, None]
+    q, k, v = ext.split_rotate_node(qkv, cos, sin, heads, kv_heads)
+    rq, rk, rv = (t.view(b, length, -1, dim).transpose(1, 2)
+                  for t in qkv.split_with_sizes([heads * dim, kv_heads * dim, kv_heads * dim], -1))
+    expected = _textbook_rotation(rq, cos, sin), _textbook_rotation(rk, cos, sin), rv
+    for got, want in zip((q, k, v), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert q.is_contiguous() and k.is_contiguous() and v.data_ptr() == rv.data_ptr() and v.stride() == rv.stride()
+    grads = [torch.randn_like(t) for t in (q, k, v)]
+    (got,) = torch.autograd.grad((q, k, v), qkv, grads)
+    (want,) = torch.autograd.grad(expected, qkv, grads)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda x: ext.split_rotate_node(x, cos, sin, heads, kv_heads), (qkv,))
+
+
 def test_apply_rotary_gives_the_kernel_any_strides(cpu_kernels):
     """q/k and cos/sin whose last axis is not contiguous are made so before the kernel reads them."""
     from hf_attn.attention_rope import _rotated, apply_rotary
