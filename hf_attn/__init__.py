@@ -19,7 +19,7 @@ from .modeling_hf_attn import (
     HfAttnPreTrainedModel,
 )
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 AutoConfig.register(HfAttnConfig.model_type, HfAttnConfig, exist_ok=True)
 AutoModel.register(HfAttnConfig, HfAttnModel, exist_ok=True)

@@ -16,9 +16,12 @@ Shapes: cos/sin (B, L, D) broadcast over heads; q (B, H, L, D), k (B, Hkv, L, D)
 Cost: O(n * D). Positions the model made itself (each below the sequence length) index a cos/sin
 table, sized from ``max_position_embeddings`` and doubled only for longer sequences; the caller's
 position ids (any values) and traced graphs get angles computed from the ids, as transformers does.
-The rotation (``apply_rotary``) rotates q and k in one autograd node; on the CPU it reads cos/sin
-written out per head (B, H, L, 1.5 D floats, ``rotary_head_tables``), which the model builds once per
-forward and hands to every layer.
+The rotation (``apply_rotary``) rotates q and k in one autograd node. With the CPU kernels of
+``cpu_kernels.py`` (training steps on float32/float64 CPU tensors) it is a C++ node that reads cos/sin
+(B, L, D) as they are, and the attention layer takes ``split_rotate`` instead: one node from the stacked
+q/k/v projection to rotated q, k and v, whose backward writes the projection's gradient in one pass.
+Otherwise it reads cos/sin written out per head (B, H, L, 1.5 D floats, ``rotary_head_tables``), which
+the model builds once per forward and hands to every layer.
 Limits: dynamic NTK changes every position's angle once the length passes the trained length, so
 keys cached before that point were rotated with the old base (as in other dynamic-NTK implementations).
 """

@@ -15,7 +15,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 # Version of the config format this code writes; a config written by a newer hf_attn may carry
 # fields this code does not know, and loading it raises instead of silently ignoring them.
-HF_ATTN_VERSION = "0.6.0"
+HF_ATTN_VERSION = "0.7.0"
 
 # The single source of truth for the modes; the registry test checks this equals the registry keys.
 ATTENTION_MODES = ("eager", "local", "lowrank", "rope")

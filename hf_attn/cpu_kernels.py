@@ -6,9 +6,14 @@ tensor. These kernels make one pass per direction (vectorised with ATen's ``Vect
 across torch's threads) and compute the same values up to float rounding (tests compare them with the
 plain expressions, in float64 as well).
 
+The training step calls them through C++ autograd nodes (``rms_norm_node``, ``swiglu_linear_node``
+for SwiGLU with ``down_proj``, ``rotate_pair_node``, and ``split_rotate_node``, which takes the stacked
+q/k/v projection to rotated q, k and v and writes its whole gradient in one pass), so neither the
+forward nor the backward of these ops runs Python. A backward that builds a graph (double backward)
+computes with differentiable ATen ops instead of the kernels.
+
 When they run: float32 / float64 CPU tensors, while gradients are recorded and nothing traces the
-model (``torch.compile`` and ``torch.export`` fuse the plain ops themselves). A backward that builds
-a graph (double backward) uses the differentiable PyTorch ops instead.
+model (``torch.compile`` and ``torch.export`` fuse the plain ops themselves).
 
 Build: compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 about 40 s with g++ on first use; cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)

@@ -17,9 +17,10 @@ gradients); it only records fewer autograd nodes and keeps fewer tensors for the
   chunk is formed as it is computed; any other head (hooks, adapters, offload wrappers, autocast) is
   called as a module under activation checkpointing, so it sees every call.
 
-On float32/float64 CPU tensors RMSNorm and the SwiGLU gate run as the C++ kernels of
-``cpu_kernels.py`` (one pass each way); a backward that is itself recorded (double backward) uses
-differentiable PyTorch ops.
+On float32/float64 CPU tensors RMSNorm and ``silu_mul_linear`` run as C++ autograd nodes of
+``cpu_kernels.py`` (one kernel pass each way, no Python in either direction) and ``silu_mul`` calls
+its kernels from the function below; a backward that is itself recorded (double backward) uses
+differentiable PyTorch (ATen) ops. The functions here are the PyTorch-ops forms.
 
 The plain forms run whenever no gradient is recorded and while ``torch.compile``/``torch.export``
 trace the model (the compiler fuses them there itself).
