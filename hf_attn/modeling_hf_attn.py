@@ -58,8 +58,9 @@ def _fused(config: HfAttnConfig | None) -> bool:
     ``torch.compile`` / ``torch.export`` trace the model (the compiler fuses the plain ops itself).
     Read at every call (the field may be switched on a built model) with ``object.__getattribute__``:
     the config's own attribute lookup (its ``attribute_map`` aliases, which do not name this field)
-    costs more than the read on this per-layer path."""
-    return (config is None or object.__getattribute__(config, "fused_ops")) and not _tracing()
+    costs more than the read on this per-layer path. Tracing is asked first: dynamo cannot trace
+    ``object.__getattribute__``, and traced graphs take the plain ops anyway."""
+    return not _tracing() and (config is None or object.__getattribute__(config, "fused_ops"))
 
 
 class HfAttnRMSNorm(nn.Module):
