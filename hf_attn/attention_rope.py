@@ -60,9 +60,9 @@ def split_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads:
     (B, L, (H + 2 Hkv) D), as one C++ node of the CPU kernels (``split_rotate_node``: its backward
     writes the projection's whole gradient, q and k rotated back, in one pass); ``None`` when the
     kernels do not apply or cos/sin are per-head tables (then split and call ``apply_rotary``)."""
-    if cos.dim() != 3 or torch.compiler.is_compiling():
+    if cos.dim() != 3:
         return None
-    kernels = rotary_kernels(qkv, cos, sin)
+    kernels = rotary_kernels(qkv, cos, sin)  # None while torch.compile / torch.export trace the model
     if kernels is None:
         return None
     return tuple(kernels.split_rotate_node(qkv, _unit_last(cos[:, None]), _unit_last(sin[:, None]), heads, kv_heads))

@@ -95,8 +95,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool) -> 
         kernels = usable(x32, w32)
         return kernels.rms_norm_node(x32, w32, eps) if kernels is not None else _RMSNorm.apply(x32, w32, eps)
 
-    if x.dtype is torch.float32 and weight.dtype is torch.float32:  # no casts: the common case
-        return norm(x, weight)
     return norm_in_float32(norm, x, weight)
 
 

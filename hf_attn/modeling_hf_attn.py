@@ -86,10 +86,10 @@ class HfAttnLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype is torch.float32 and self.weight.dtype is torch.float32:  # no casts: called directly
-            return F.layer_norm(hidden_states, (hidden_states.shape[-1],), self.weight, None, self.eps)
-        return norm_in_float32(lambda x, w: F.layer_norm(x, (x.shape[-1],), w, None, self.eps),
-                               hidden_states, self.weight)
+        return norm_in_float32(self._norm, hidden_states, self.weight)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), weight, None, self.eps)
 
 
 NORMS = {"rmsnorm": HfAttnRMSNorm, "layernorm": HfAttnLayerNorm}
